@@ -1,0 +1,3 @@
+from qlora_trainer.cli import main
+
+raise SystemExit(main())

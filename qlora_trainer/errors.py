@@ -1,0 +1,18 @@
+"""The errors a user can fix, and the exit codes the command line maps them to (see DESIGN.md)."""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_WONT_FIT = 3
+
+
+class UserError(Exception):
+    """Bad input: the message names the file, line or key and the fix. Exit code 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class WontFitError(UserError):
+    """The run is predicted not to fit the machine it would run on. Exit code 3; `--force` overrides."""
+
+    exit_code = EXIT_WONT_FIT

@@ -1,0 +1,141 @@
+"""Base model in 4-bit NF4, its tokenizer, the LoRA configuration, and the trainable-parameter report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qlora_trainer.demo_model import demo_model_path, is_demo_model
+from qlora_trainer.errors import UserError
+from qlora_trainer.recipe import LoraSection, ModelSection, QuantizationSection
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_model_path(section: ModelSection) -> str:
+    """A local directory, a hub id, or the cached directory of a built demo model."""
+    name = section.name_or_path
+    if is_demo_model(name):
+        return str(demo_model_path(name))
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise UserError(f"model.name_or_path: {name} is not a model directory; pass a hub id or a directory with config.json")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name_or_path: {name} has no config.json; point it at the directory save_pretrained wrote")
+        return str(path)
+    return name
+
+
+def load_config(section: ModelSection):
+    """The model's transformers config, read without loading any weights."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(section)
+    try:
+        return AutoConfig.from_pretrained(path, revision=section.revision, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name_or_path: cannot read the config of '{section.name_or_path}' ({_first_line(err)}); "
+                        "check the hub id and network, or pass a local copy with --set model.name_or_path=/path") from None
+
+
+def quantization_config(section: QuantizationSection):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=section.quant_type,
+        bnb_4bit_use_double_quant=section.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[section.compute_dtype],
+    )
+
+
+def load_base_model(model: ModelSection, quant: QuantizationSection, device: str):
+    """Load the base model with every linear layer in 4-bit.
+
+    `dtype=compute_dtype` keeps embeddings, lm_head and norms in 16-bit. We deliberately do not call
+    `peft.prepare_model_for_kbit_training`: it casts every non-4-bit parameter to fp32, about 1 GB more on a
+    7B model with a 32k vocabulary (2 GB on Llama-3-8B), and TRL's SFTTrainer trains fine without it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model)
+    device_map = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
+            quantization_config=quantization_config(quant),
+            dtype=DTYPES[quant.compute_dtype],
+            attn_implementation=model.attn_implementation,
+            device_map=device_map,
+            use_safetensors=True,  # never unpickle weights
+        )
+    except OSError as err:
+        raise UserError(f"model.name_or_path: cannot load '{model.name_or_path}' ({_first_line(err)}); "
+                        "check the hub id and network, or pass a local copy with --set model.name_or_path=/path") from None
+
+
+def load_tokenizer(model: ModelSection):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name_or_path: cannot load the tokenizer of '{model.name_or_path}' ({_first_line(err)})") from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so reusing EOS as padding is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lora_config(section: LoraSection):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=section.target_modules,
+        use_rslora=section.use_rslora,
+        use_dora=section.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def set_adapter_dtype(model, section: LoraSection) -> None:
+    """Put the trainable adapter weights in the recipe's dtype.
+
+    TRL already casts them to bf16 for a 4-bit base; this also honours `lora.dtype: float32`. The DoRA magnitude
+    stays fp32, as TRL keeps it: its updates can be smaller than bf16 resolves.
+    """
+    dtype = DTYPES[section.dtype]
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_magnitude_vector" not in name and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def parameter_report(model) -> dict:
+    """Trainable and total parameters as PEFT counts them (a 4-bit weight counts as its unpacked size)."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"trainable_params": trainable, "total_params": total, "trainable_percent": round(100 * trainable / total, 4)}
+
+
+def format_parameter_report(report: dict) -> str:
+    return (f"trainable params: {report['trainable_params']:,} || all params: {report['total_params']:,} "
+            f"|| trainable%: {report['trainable_percent']:.4f}")
+
+
+def frozen_dtypes(model) -> dict[str, str]:
+    """Dtype of each frozen, non-4-bit parameter (embeddings, lm_head, norms), for the run summary and tests."""
+    return {name: str(param.dtype).removeprefix("torch.") for name, param in model.named_parameters()
+            if not param.requires_grad and param.dtype != torch.uint8}
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,293 @@
+"""The typed recipe: schema, YAML loading by name or path, `--set` overrides, validation.
+
+Every field is documented once, here. Unknown keys are errors that name the nearest known key, and all
+problems in a recipe are reported together in one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qlora_trainer.errors import UserError
+
+DEMO_MODEL_PREFIX = "demo:"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(description="Hub id, local directory, or `demo:tiny-llama` (built locally).")
+    revision: str | None = Field(None, description="Hub branch, tag or commit to load.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model repository.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; sdpa avoids the seq_len^2 attention matrix on GPUs."
+    )
+
+
+class QuantizationSection(_Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (the QLoRA paper's NF4).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.37 bit/param saved).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype of the dequantized matmuls and of the frozen embeddings, lm_head and norms."
+    )
+
+
+class LoraSection(_Section):
+    r: int = Field(8, gt=0, description="Adapter rank.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="`all-linear` (every linear layer except lm_head) or a list of module names."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r); helps at large ranks.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); slower, sometimes better.")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Dtype of the trainable adapter weights (the QLoRA paper trains them in bf16)."
+    )
+
+
+class DataSection(_Section):
+    path: str = Field(description="Local .jsonl/.json/.csv/.parquet file or directory, or a hub dataset id.")
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Row shape; `auto` detects it from the columns."
+    )
+    config: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split to train on.")
+    eval_path: str | None = Field(None, description="Separate file or hub id for evaluation rows.")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the training rows held out for eval when no eval_path.")
+    train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (default: completion only).")
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N training rows (quick trials).")
+
+
+class TrainSection(_Section):
+    seq_len: int = Field(2048, gt=0, description="Longest sequence in tokens; longer rows are truncated.")
+    micro_batch_size: int = Field(1, gt=0, description="Sequences per forward pass on one device.")
+    global_batch_size: int | None = Field(
+        None, gt=0, description="Sequences per optimizer step; gradient accumulation is derived from it when set."
+    )
+    gradient_accumulation_steps: int = Field(16, gt=0, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(-1, description="Optimizer steps; -1 trains for `epochs` instead.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1.")
+    learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapters.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping (the QLoRA paper uses 0.3).")
+    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_torch"] = Field(
+        "paged_adamw_8bit", description="Optimizer; paged ones spill state to CPU RAM instead of failing on spikes."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: much less memory, ~30% slower.")
+    logging_steps: int = Field(10, gt=0, description="Log loss and speed every N steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (default: at logging_steps x 10).")
+    save_steps: int = Field(100, gt=0, description="Checkpoint every N steps.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept.")
+    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="`cuda` stops with a message on a machine without a CUDA GPU instead of crawling on CPU."
+    )
+
+    def accumulation_steps(self, world_size: int = 1) -> int:
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        return self.global_batch_size // (self.micro_batch_size * world_size)
+
+    @model_validator(mode="after")
+    def _global_batch_divides(self) -> TrainSection:
+        if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"train.max_steps must be a positive number of steps or -1 for epochs (got {self.max_steps})")
+        return self
+
+
+class EvalSection(_Section):
+    exact_match: bool = Field(
+        False, description="Before and after training, greedily complete the eval prompts and report exact-match accuracy."
+    )
+    max_samples: int = Field(200, gt=0, description="Eval rows used for exact match.")
+    max_new_tokens: int = Field(16, gt=0, description="Tokens generated per prompt for exact match.")
+
+
+class ExportSection(_Section):
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="Dtype of the merged export.")
+
+
+class Recipe(_Section):
+    description: str = Field("", description="One line shown by `qlora-trainer recipes`.")
+    model: ModelSection
+    quantization: QuantizationSection = QuantizationSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    export: ExportSection = ExportSection()
+
+
+# ---------------------------------------------------------------- locating recipes
+
+
+def shipped_recipes_dir() -> Path:
+    """The recipes shipped with the package: inside it for a wheel, at the repository root for a checkout."""
+    packaged = importlib.resources.files("qlora_trainer") / "recipes"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def shipped_recipe_names() -> list[str]:
+    return sorted(p.stem for p in shipped_recipes_dir().glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"recipe file {path} does not exist; pass a shipped name ({', '.join(shipped_recipe_names())}) or a YAML path")
+        return path
+    shipped = shipped_recipes_dir() / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = shipped_recipe_names()
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise UserError(f"unknown recipe '{name_or_path}': {hint}shipped recipes are {', '.join(names)}; or pass a YAML path")
+
+
+# ---------------------------------------------------------------- loading and validating
+
+
+def load_recipe(name_or_path: str, overrides: list[str] = ()) -> tuple[Recipe, Path]:
+    """Load, override and validate a recipe; return it and the file it came from."""
+    path = find_recipe(name_or_path)
+    raw, lines = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping of sections (model, data, train, ...), got {type(raw).__name__}")
+    _resolve_relative_paths(raw, path.parent)
+    for item in overrides:  # after resolving, so a path given with --set stays relative to the working directory
+        _apply_override(raw, item)
+    return validate(raw, source=str(path), lines=lines), path
+
+
+def validate(raw: dict, source: str, lines: dict[tuple[str, ...], int] | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems = list(dict.fromkeys(_describe(e, lines or {}) for e in err.errors()))
+        count = f"{len(problems)} problems: " if len(problems) > 1 else ""
+        raise UserError(f"{source}: {count}{'; '.join(problems)}") from None
+
+
+def _describe(error: dict, lines: dict[tuple[str, ...], int]) -> str:
+    loc = tuple(str(part) for part in error["loc"] if not str(part).startswith(("function-after", "literal[", "list[")))
+    key = ".".join(loc) or "recipe"
+    where = f" (line {lines[loc]})" if loc in lines else ""
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{key}{where}: unknown key{_nearest_hint(loc)}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return message
+    return f"{key}{where}: {message} (got {error.get('input')!r})"
+
+
+# Names people bring from PEFT, TRL and transformers, mapped to ours, for the "did you mean" hint.
+KNOWN_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lr": "learning_rate",
+    "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size", "max_length": "seq_len",
+    "max_seq_length": "seq_len", "num_train_epochs": "epochs", "optim": "optimizer", "model_name": "name_or_path",
+    "bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype", "dataset": "path", "warmup_steps": "warmup_ratio",
+}
+
+
+def _nearest_hint(loc: tuple[str, ...]) -> str:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    alias = KNOWN_ALIASES.get(loc[-1])
+    close = [alias] if alias in model.model_fields else difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
+    prefix = ".".join(loc[:-1] + (close[0],)) if close else ""
+    return f", did you mean {prefix}?" if close else f"; known keys: {', '.join(model.model_fields)}"
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}:{where}: YAML syntax error: {problem}; fix the indentation or quoting there") from None
+    return (data if data is not None else {}), _key_lines(node)
+
+
+def _key_lines(node: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each dotted key path to its 1-based line in the YAML file, for error messages."""
+    found: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (str(key_node.value),)
+            found[path] = key_node.start_mark.line + 1
+            found.update(_key_lines(value_node, path))
+    return found
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """Apply one `--set a.b=value`; the value is parsed as YAML so numbers, booleans and lists keep their type."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=50")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    target = raw
+    for part in parts[:-1]:
+        if not isinstance(target.get(part, {}), dict):
+            raise UserError(f"--set {key}: {part} is not a section")
+        target = target.setdefault(part, {})
+    target[parts[-1]] = value
+
+
+def _resolve_relative_paths(raw: dict, base: Path) -> None:
+    """A data path written in a recipe is relative to the recipe file, when such a file exists there."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("path", "eval_path"):
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+            data[key] = str((base / value).resolve())
+
+
+def recipe_header(path: Path) -> str:
+    """The first comment line of a recipe file (its command), for listings."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

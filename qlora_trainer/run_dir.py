@@ -1,0 +1,66 @@
+"""The run directory (DESIGN.md): where it goes, what may already be there, and atomic writes into it.
+
+A run directory is complete only when `summary.json` exists, and it is written last. Every file is written
+to a temporary name and renamed, so a crash never leaves a file that looks whole but is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from qlora_trainer.errors import UserError
+
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+
+
+def default_run_dir(recipe_name: str) -> Path:
+    return Path("runs") / f"{recipe_name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_run_dir(path: Path, resume: bool) -> Path:
+    """Create (or, with resume, reopen) the run directory; refuse to overwrite anything."""
+    if (path / SUMMARY).exists():
+        raise UserError(f"--output-dir {path} already holds a finished run (summary.json); choose another --output-dir")
+    if resume:
+        if not path.is_dir():
+            raise UserError(f"--resume: {path} is not a run directory; pass the --output-dir of the run to continue")
+        return path
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"--output-dir {path} already exists and is not empty; add --resume to continue that run "
+                        "or choose another --output-dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--output-dir {path}: cannot write there ({err.strerror}); choose a writable directory") from None
+    return path
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    """The newest complete trainer checkpoint (one with trainer_state.json) under the run's checkpoints/."""
+    found = [(int(p.name.split("-")[-1]), p) for p in (path / CHECKPOINTS).glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+

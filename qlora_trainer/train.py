@@ -1,0 +1,229 @@
+"""Recipe -> SFTConfig + SFTTrainer, and one run from plan to summary.json.
+
+The steps read from the top of `train()`: plan, run directory, model, data, trainer, train, save, summarise.
+The libraries do the work; this module only wires them together and records what happened.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from qlora_trainer import model as model_lib
+from qlora_trainer.data import check_data_path, load_data
+from qlora_trainer.errors import UserError, WontFitError
+from qlora_trainer.exact_match import exact_match_accuracy
+from qlora_trainer.metrics import GIB, MetricsLogger, plot_loss, read_metrics
+from qlora_trainer.recipe import Recipe, dump_recipe
+from qlora_trainer.run_dir import CHECKPOINTS, SUMMARY, latest_checkpoint, prepare_run_dir, write_json_atomic, write_text_atomic
+
+
+@dataclass
+class RunOptions:
+    recipe_name: str
+    output_dir: Path
+    resume: bool = False
+    dry_run: bool = False
+    force: bool = False
+
+
+def pick_device(recipe: Recipe) -> str:
+    return "cuda" if torch.cuda.is_available() and recipe.train.device != "cpu" else "cpu"
+
+
+def check_device(recipe: Recipe, device: str, force: bool) -> None:
+    if recipe.train.device == "cuda" and device != "cuda" and not force:
+        raise WontFitError("train.device is cuda but no CUDA GPU is visible: a 4-bit model this size would take days "
+                           "on the CPU; run on a GPU machine (or add --force to train on the CPU anyway)")
+
+
+def describe_plan(recipe: Recipe, options: RunOptions, device: str) -> str:
+    t, lora, q = recipe.train, recipe.lora, recipe.quantization
+    length = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epoch(s)"
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
+    extras = "".join([", rsLoRA" if lora.use_rslora else "", ", DoRA" if lora.use_dora else ""])
+    data = recipe.data.path + (f" (eval: {recipe.data.eval_path})" if recipe.data.eval_path else "")
+    return "\n".join([
+        f"qlora-trainer: recipe {options.recipe_name}",
+        f"  model     {recipe.model.name_or_path}: 4-bit {q.quant_type}{' + double quant' if q.double_quant else ''}, compute {q.compute_dtype}",
+        f"  lora      r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {targets}{extras}, {lora.dtype} adapters",
+        f"  data      {data}, format {recipe.data.format}",
+        f"  training  {length}, {t.micro_batch_size} x {t.accumulation_steps()} accumulation = "
+        f"{t.micro_batch_size * t.accumulation_steps()} sequences/step, seq_len {t.seq_len}, lr {t.learning_rate:g} "
+        f"{t.lr_scheduler}, {t.optimizer}, checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+        f"  device    {device}",
+        f"  output    {options.output_dir}",
+    ])
+
+
+def train(recipe: Recipe, options: RunOptions) -> dict | None:
+    """Run one training job; return the summary (None for a dry run)."""
+    device = pick_device(recipe)
+    print(describe_plan(recipe, options, device), flush=True)
+    check_data_path(recipe.data)
+    if recipe.eval.exact_match and recipe.data.eval_path is None and recipe.data.eval_fraction == 0:
+        raise UserError("eval.exact_match needs eval rows: set data.eval_path or data.eval_fraction")
+    if options.dry_run:
+        print("Dry run: recipe and data paths are valid; stopping before loading weights.")
+        return None
+    check_device(recipe, device, options.force)
+
+    data = load_data(recipe.data, recipe.train.seed)  # before the run directory: bad data leaves nothing behind
+    if recipe.eval.exact_match and data.format != "prompt_completion":
+        raise UserError(f"eval.exact_match needs prompt/completion rows; {data.source} is {data.format}")
+    tokenizer = model_lib.load_tokenizer(recipe.model)
+    run = prepare_run_dir(options.output_dir, options.resume)
+    checkpoint = latest_checkpoint(run) if options.resume else None
+    if options.resume and checkpoint is None:
+        print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")
+    write_text_atomic(run / "recipe.yaml", f"# python -m qlora_trainer --recipe {run / 'recipe.yaml'}\n" + dump_recipe(recipe))
+
+    torch.manual_seed(recipe.train.seed)
+    base = model_lib.load_base_model(recipe.model, recipe.quantization, device)
+    trainer = build_trainer(recipe, base, tokenizer, data, run, device)
+    report = model_lib.parameter_report(trainer.model)
+    print(model_lib.format_parameter_report(report), flush=True)
+
+    before = _exact_match(recipe, trainer, tokenizer, data, "before training")
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    runtime = time.perf_counter() - started
+    after = _exact_match(recipe, trainer, tokenizer, data, "after training")
+
+    trainer.model.save_pretrained(run / "adapter", safe_serialization=True)
+    tokenizer.save_pretrained(run / "adapter")
+    rows = _metrics_with_final_eval(trainer, data, run / "metrics.jsonl")
+    final_eval = next((r for r in reversed(rows) if r.get("eval_loss") is not None), {})
+    plot_loss(rows, run / "loss.png", f"{options.recipe_name}: {recipe.model.name_or_path}")
+    summary = _summary(recipe, options, trainer, result, runtime, rows, report, final_eval, before, after, device)
+    write_json_atomic(run / SUMMARY, summary)  # last: its presence marks the run complete
+    print(_describe_summary(summary, run))
+    return summary
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str):
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(recipe, run, device, has_eval=data.eval is not None),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=model_lib.lora_config(recipe.lora),
+        callbacks=[MetricsLogger(run / "metrics.jsonl"), AdapterDtype(recipe)],
+    )
+    model_lib.set_adapter_dtype(trainer.model, recipe.lora)
+    return trainer
+
+
+def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool):
+    from trl import SFTConfig
+
+    t = recipe.train
+    eval_steps = t.eval_steps or t.logging_steps * 10
+    return SFTConfig(
+        output_dir=str(run / CHECKPOINTS),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.accumulation_steps(),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        activation_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen inputs and is what PyTorch recommends.
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=recipe.quantization.compute_dtype == "bfloat16",
+        fp16=recipe.quantization.compute_dtype == "float16" and device == "cuda",
+        max_length=t.seq_len,
+        completion_only_loss=not recipe.data.train_on_prompt,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,  # the first loss shows where training started
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        use_cpu=device == "cpu",
+        report_to=[],
+        dataloader_num_workers=0,
+    )
+
+
+class AdapterDtype(TrainerCallback):
+    """Restore the adapter dtype after a resume: loading a checkpoint brings LoRA weights back as fp32, and a
+    resumed run would then diverge from the uninterrupted one (DESIGN.md, known traps)."""
+
+    def __init__(self, recipe: Recipe):
+        self.lora = recipe.lora
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            model_lib.set_adapter_dtype(model, self.lora)
+
+
+def _metrics_with_final_eval(trainer, data, path: Path) -> list[dict]:
+    """The logged metrics, evaluating once more if the last step was not an eval step."""
+    rows = read_metrics(path)
+    step = trainer.state.global_step
+    if data.eval is not None and not any(r.get("eval_loss") is not None and r["step"] == step for r in rows):
+        trainer.evaluate()  # MetricsLogger appends it to the file
+        rows = read_metrics(path)
+    return rows
+
+
+def _exact_match(recipe: Recipe, trainer, tokenizer, data, when: str) -> dict | None:
+    if not recipe.eval.exact_match:
+        return None
+    result = exact_match_accuracy(trainer.model, tokenizer, data.eval, recipe.eval.max_samples, recipe.eval.max_new_tokens)
+    print(f"Held-out exact match {when}: {result['accuracy']:.1%} ({result['correct']}/{result['total']})", flush=True)
+    return result
+
+
+def _summary(recipe, options, trainer, result, runtime, rows, report, final_eval, before, after, device) -> dict:
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    tokens = max((r.get("tokens") or 0 for r in rows), default=0)
+    peak = torch.cuda.max_memory_reserved() / GIB if device == "cuda" else None
+    return {
+        "recipe": options.recipe_name,
+        "model": recipe.model.name_or_path,
+        "device": device,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "mean_train_loss": result.training_loss,
+        "eval_loss": final_eval.get("eval_loss"),
+        "runtime_s": round(runtime, 2),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
+        **report,
+        "adapter_dtype": recipe.lora.dtype,
+        "frozen_dtypes": sorted(set(model_lib.frozen_dtypes(trainer.model).values())),
+        "exact_match_before": before and before["accuracy"],
+        "exact_match_after": after and after["accuracy"],
+        "exact_match_examples": after and after["examples"],
+        "peak_memory_gib": {"measured": round(peak, 3) if peak is not None else None},
+    }
+
+
+def _describe_summary(summary: dict, run: Path) -> str:
+    lines = [f"Done in {summary['runtime_s']:.0f}s: {summary['steps']} steps, loss {summary['first_loss']:.3f} -> "
+             f"{summary['final_loss']:.3f}" if summary["first_loss"] is not None else f"Done: {summary['steps']} steps"]
+    if summary["eval_loss"] is not None:
+        lines.append(f"  eval loss {summary['eval_loss']:.3f}")
+    if summary["exact_match_after"] is not None:
+        lines.append(f"  held-out exact match {summary['exact_match_before']:.1%} -> {summary['exact_match_after']:.1%}")
+    lines.append(f"  adapter   {run / 'adapter'}")
+    lines.append(f"  metrics   {run / 'metrics.jsonl'}, plot {run / 'loss.png'}, summary {run / SUMMARY}")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""Shared fixtures: a private model cache and a tiny Llama built locally (no downloads anywhere)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from qlora_trainer.demo_model import build_demo_model
+
+TINY_SPEC = {
+    "corpus": "data/complaints-train.jsonl",
+    "vocab_size": 320,
+    "config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Keep demo models built by tests out of the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["QLORA_TRAINER_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, width-64 random Llama with a BPE tokenizer trained on the demo data, saved in bf16."""
+    target = tmp_path_factory.mktemp("models") / "tiny-llama"
+    build_demo_model(TINY_SPEC, target)
+    return target
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe YAML into the test's directory and return its path."""
+
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
