@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from qlora_trainer.errors import EXIT_BAD_INPUT, EXIT_OK, UserError
+from qlora_trainer.errors import EXIT_OK, UserError
 
-COMMANDS = ("train", "recipes")
+COMMANDS = ("train", "estimate", "recipes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
     train.add_argument("--force", action="store_true", help="run even where the run is predicted not to fit")
 
-    sub.add_parser("recipes", help="list the shipped recipes")
+    est = sub.add_parser("estimate", help="predict the peak GPU memory of a run before loading anything")
+    source = est.add_mutually_exclusive_group(required=True)
+    source.add_argument("--recipe", help="shipped recipe name or path to a YAML recipe")
+    source.add_argument("--model", help="local model directory, config.json, known architecture or hub id")
+    source.add_argument("--model-size", help="a size such as 7B: picks the default family for that size")
+    source.add_argument("--table", action="store_true", help="trainable-parameter share by rank and model")
+    est.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key (with --recipe)")
+    est.add_argument("--rank", type=int, help="LoRA rank (default: the recipe default, 8)")
+    est.add_argument("--seq-len", type=int, help="sequence length (default 2048)")
+    est.add_argument("--batch-size", type=int, help="micro-batch size (default 1)")
+    est.add_argument("--optimizer", choices=["paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_torch"])
+    est.add_argument("--no-gradient-checkpointing", action="store_true", help="estimate without checkpointing")
+    est.add_argument("--gpu-memory", type=float, metavar="GIB", help="GPU memory in GiB: adds fits and headroom")
+    est.add_argument("--fit", action="store_true", help="with --gpu-memory: the longest seq_len and largest micro-batch that fit")
+    est.add_argument("--json", action="store_true", help="print the contract's JSON instead of a table")
+
+    sub.add_parser("recipes", help="list the shipped recipes with their estimated GPU memory")
     return parser
 
 
@@ -41,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "recipes": _recipes}[args.command](args)
+        return {"train": _train, "estimate": _estimate, "recipes": _recipes}[args.command](args)
     except UserError as err:
         print(f"qlora-trainer: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -65,18 +82,67 @@ def _train(args) -> int:
     return EXIT_OK
 
 
+def _estimate(args) -> int:
+    import dataclasses
+    import json
+
+    from qlora_trainer import memory_report as report
+    from qlora_trainer.memory import Settings, estimate
+    from qlora_trainer.recipe import load_recipe
+
+    if args.table:
+        print("Trainable share of all parameters, LoRA on all linear layers (exact per architecture)")
+        print(report.rank_table())
+        return EXIT_OK
+    global_batch = 16
+    if args.recipe:
+        recipe, _ = load_recipe(args.recipe, args.overrides)
+        shape = report.shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
+        settings = report.settings_from_recipe(recipe)
+        global_batch = recipe.train.micro_batch_size * recipe.train.accumulation_steps()
+    else:
+        shape = report.shape_for_model(args.model) if args.model else report.shape_for_size(args.model_size)
+        settings = Settings()
+    changes = {"rank": args.rank, "seq_len": args.seq_len, "batch_size": args.batch_size, "optimizer": args.optimizer}
+    settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
+    if args.no_gradient_checkpointing:
+        settings = dataclasses.replace(settings, gradient_checkpointing=False)
+    for flag, value in (("--rank", settings.rank), ("--seq-len", settings.seq_len), ("--batch-size", settings.batch_size)):
+        if value <= 0:
+            raise UserError(f"{flag} must be a positive integer (got {value})")
+    if args.fit and args.gpu_memory is None:
+        raise UserError("--fit needs --gpu-memory GIB: the memory to fit into")
+    est = estimate(shape, settings)
+    result = est.to_json(args.gpu_memory)
+    if args.fit:
+        result["fit"] = report.fit(shape, settings, args.gpu_memory, global_batch)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(report.format_estimate(est, args.gpu_memory))
+    if args.fit:
+        found = result["fit"]
+        print(f"Largest that fits {args.gpu_memory:g} GiB: seq_len {found['seq_len']}, micro-batch {found['micro_batch_size']} "
+              f"x accumulation {found['gradient_accumulation_steps']} ({found['total_gib']:.2f} GiB)"
+              if found["fits"] else f"Nothing fits {args.gpu_memory:g} GiB: {found['reason']}")
+    return EXIT_OK
+
+
 def _recipes(args) -> int:
+    from qlora_trainer.memory import GIB, estimate
+    from qlora_trainer.memory_report import settings_from_recipe, shape_for_model
     from qlora_trainer.recipe import load_recipe, shipped_recipe_names, shipped_recipes_dir
 
     rows = []
     for name in shipped_recipe_names():
         recipe, _ = load_recipe(name)
-        rows.append((name, recipe.model.name_or_path, recipe.description))
-    width = max(len(r[0]) for r in rows)
-    model_width = max(len(r[1]) for r in rows)
+        est = estimate(shape_for_model(recipe.model.name_or_path), settings_from_recipe(recipe))
+        rows.append((name, recipe.model.name_or_path, f"{est.total / GIB:5.1f} GiB", recipe.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
     print(f"Recipes in {shipped_recipes_dir()} (run one with: python -m qlora_trainer --recipe NAME)")
-    for name, model, description in rows:
-        print(f"  {name:<{width}}  {model:<{model_width}}  {description}")
+    print(f"  {'recipe':<{widths[0]}}  {'base model':<{widths[1]}}  {'VRAM est.':<{widths[2]}}  description")
+    for row in rows:
+        print("  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + f"  {row[3]}")
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def demo_model_path(name_or_path: str) -> Path:
     spec = DEMO_MODELS[name]
     target = cache_dir() / "demo-models" / f"{name}-v{spec['version']}"
     if not (target / "config.json").is_file():
-        print(f"Building the demo model {name_or_path} in {target} (first use only) ...", flush=True)
+        print(f"Building the demo model {name_or_path} in {target} (first use only) ...", file=sys.stderr, flush=True)
         build_demo_model(spec, target)
     return target
 

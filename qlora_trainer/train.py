@@ -17,6 +17,8 @@ from qlora_trainer import model as model_lib
 from qlora_trainer.data import check_data_path, load_data
 from qlora_trainer.errors import UserError, WontFitError
 from qlora_trainer.exact_match import exact_match_accuracy
+from qlora_trainer.memory import estimate
+from qlora_trainer.memory_report import check_fits, format_estimate, settings_from_recipe, shape_for_model
 from qlora_trainer.metrics import GIB, MetricsLogger, plot_loss, read_metrics
 from qlora_trainer.recipe import Recipe, dump_recipe
 from qlora_trainer.run_dir import CHECKPOINTS, SUMMARY, latest_checkpoint, prepare_run_dir, write_json_atomic, write_text_atomic
@@ -64,6 +66,11 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
     """Run one training job; return the summary (None for a dry run)."""
     device = pick_device(recipe)
     print(describe_plan(recipe, options, device), flush=True)
+    model_lib.resolve_model_path(recipe.model)  # a missing local model is named before anything else
+    shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    predicted = estimate(shape, settings_from_recipe(recipe))
+    gpu_free_gib = _free_gpu_gib() if device == "cuda" else None
+    print(format_estimate(predicted, gpu_free_gib), flush=True)
     check_data_path(recipe.data)
     if recipe.eval.exact_match and recipe.data.eval_path is None and recipe.data.eval_fraction == 0:
         raise UserError("eval.exact_match needs eval rows: set data.eval_path or data.eval_fraction")
@@ -71,16 +78,15 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
         print("Dry run: recipe and data paths are valid; stopping before loading weights.")
         return None
     check_device(recipe, device, options.force)
+    if gpu_free_gib is not None:
+        check_fits(predicted, shape, gpu_free_gib, options.force)
 
     data = load_data(recipe.data, recipe.train.seed)  # before the run directory: bad data leaves nothing behind
     if recipe.eval.exact_match and data.format != "prompt_completion":
         raise UserError(f"eval.exact_match needs prompt/completion rows; {data.source} is {data.format}")
     tokenizer = model_lib.load_tokenizer(recipe.model)
-    run = prepare_run_dir(options.output_dir, options.resume)
-    checkpoint = latest_checkpoint(run) if options.resume else None
-    if options.resume and checkpoint is None:
-        print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")
-    write_text_atomic(run / "recipe.yaml", f"# python -m qlora_trainer --recipe {run / 'recipe.yaml'}\n" + dump_recipe(recipe))
+    run, checkpoint = _open_run_dir(recipe, options, predicted.to_json(gpu_free_gib))
+    context_bytes = _cuda_context_bytes() if device == "cuda" else None
 
     torch.manual_seed(recipe.train.seed)
     base = model_lib.load_base_model(recipe.model, recipe.quantization, device)
@@ -97,12 +103,23 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
     trainer.model.save_pretrained(run / "adapter", safe_serialization=True)
     tokenizer.save_pretrained(run / "adapter")
     rows = _metrics_with_final_eval(trainer, data, run / "metrics.jsonl")
-    final_eval = next((r for r in reversed(rows) if r.get("eval_loss") is not None), {})
     plot_loss(rows, run / "loss.png", f"{options.recipe_name}: {recipe.model.name_or_path}")
-    summary = _summary(recipe, options, trainer, result, runtime, rows, report, final_eval, before, after, device)
+    summary = _summary(recipe, options, trainer, result, runtime, rows, report, before, after,
+                       _peak_memory(predicted, context_bytes))
     write_json_atomic(run / SUMMARY, summary)  # last: its presence marks the run complete
     print(_describe_summary(summary, run))
     return summary
+
+
+def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict) -> tuple[Path, Path | None]:
+    """Create the run directory with the resolved recipe and the estimate; find the checkpoint to resume."""
+    run = prepare_run_dir(options.output_dir, options.resume)
+    checkpoint = latest_checkpoint(run) if options.resume else None
+    if options.resume and checkpoint is None:
+        print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")
+    write_text_atomic(run / "recipe.yaml", f"# python -m qlora_trainer --recipe {run / 'recipe.yaml'}\n" + dump_recipe(recipe))
+    write_json_atomic(run / "estimate.json", estimate_json)
+    return run, checkpoint
 
 
 def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str):
@@ -190,14 +207,38 @@ def _exact_match(recipe: Recipe, trainer, tokenizer, data, when: str) -> dict | 
     return result
 
 
-def _summary(recipe, options, trainer, result, runtime, rows, report, final_eval, before, after, device) -> dict:
+def _free_gpu_gib() -> float:
+    free, _ = torch.cuda.mem_get_info()
+    return free / GIB
+
+
+def _cuda_context_bytes() -> int:
+    """GPU memory in use outside PyTorch's allocator before loading: this process's CUDA context (and, on a shared
+    GPU, other processes' memory, which nvidia-smi would count against the card too)."""
+    free, total = torch.cuda.mem_get_info()
+    return max(0, total - free - torch.cuda.memory_reserved())
+
+
+def _peak_memory(predicted, context_bytes: int | None) -> dict:
+    """Measured peak (allocator peak reserved + CUDA context) next to the estimate, in GiB."""
+    memory = {"estimated": round(predicted.total / GIB, 3), "measured": None}
+    if context_bytes is not None:
+        reserved = torch.cuda.max_memory_reserved()
+        memory.update(measured=round((reserved + context_bytes) / GIB, 3), peak_reserved=round(reserved / GIB, 3),
+                      peak_allocated=round(torch.cuda.max_memory_allocated() / GIB, 3),
+                      cuda_context=round(context_bytes / GIB, 3))
+        memory["error_percent"] = round(100 * (memory["estimated"] - memory["measured"]) / memory["measured"], 2)
+    return memory
+
+
+def _summary(recipe, options, trainer, result, runtime, rows, report, before, after, memory) -> dict:
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    final_eval = next((r for r in reversed(rows) if r.get("eval_loss") is not None), {})
     tokens = max((r.get("tokens") or 0 for r in rows), default=0)
-    peak = torch.cuda.max_memory_reserved() / GIB if device == "cuda" else None
     return {
         "recipe": options.recipe_name,
         "model": recipe.model.name_or_path,
-        "device": device,
+        "device": "cuda" if memory["measured"] is not None else "cpu",
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "first_loss": losses[0] if losses else None,
@@ -213,7 +254,7 @@ def _summary(recipe, options, trainer, result, runtime, rows, report, final_eval
         "exact_match_before": before and before["accuracy"],
         "exact_match_after": after and after["accuracy"],
         "exact_match_examples": after and after["examples"],
-        "peak_memory_gib": {"measured": round(peak, 3) if peak is not None else None},
+        "peak_memory_gib": memory,
     }
 
 

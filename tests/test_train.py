@@ -122,7 +122,9 @@ def test_run_directory_holds_every_promised_file(write_recipe, tiny_model_dir, t
     assert saved["trainable_params"] > 0 and 0 < saved["trainable_percent"] < 100
     assert saved["frozen_dtypes"] == ["bfloat16"]
     assert saved["exact_match_before"] is not None and saved["exact_match_after"] is not None
-    assert saved["peak_memory_gib"] == {"measured": None}
+    predicted = json.loads((run / "estimate.json").read_text())
+    assert predicted["trainable_params"] == saved["trainable_params"], "the estimator counts what PEFT trains"
+    assert saved["peak_memory_gib"] == {"estimated": predicted["total_gib"], "measured": None}
 
 
 def test_demo_learns_the_task_from_the_command_line(tmp_path):

@@ -1,0 +1,50 @@
+"""Configs of the models people fine-tune, so estimates work offline by name (`--model llama-2-7b`), by hub id
+of a known model (`meta-llama/Llama-2-7b-hf`), or by size (`--model-size 7B`).
+
+Each JSON file is the model's published `config.json` plus `_source` (where the values come from) and
+`_hub_ids` (repositories that share the architecture). Parameter counts on the meta device equal the
+published sizes exactly (checked when the files were written).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# The family `--model-size` picks for each size: the most fine-tuned model of that size today.
+DEFAULT_FOR_SIZE = {
+    "0.5B": "qwen2.5-0.5b", "1.5B": "qwen2.5-1.5b", "2B": "gemma-2-2b", "3B": "qwen2.5-3b", "4B": "phi-3-mini",
+    "7B": "llama-2-7b", "8B": "llama-3.1-8b", "9B": "gemma-2-9b", "13B": "llama-2-13b", "14B": "qwen2.5-14b",
+    "27B": "gemma-2-27b", "32B": "qwen2.5-32b", "33B": "llama-33b", "65B": "llama-65b", "70B": "llama-2-70b",
+    "72B": "qwen2.5-72b",
+}
+
+
+def known_architectures() -> list[str]:
+    return sorted(p.stem for p in HERE.glob("*.json"))
+
+
+@cache
+def _raw(name: str) -> dict:
+    return json.loads((HERE / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def architecture_for(name_or_hub_id: str) -> str | None:
+    """The known architecture with this name or hub id, if any."""
+    if name_or_hub_id.lower() in known_architectures():
+        return name_or_hub_id.lower()
+    for name in known_architectures():
+        if name_or_hub_id in _raw(name)["_hub_ids"]:
+            return name
+    return None
+
+
+def load_architecture(name: str):
+    """A transformers config for a known architecture."""
+    from transformers import AutoConfig
+
+    values = {k: v for k, v in _raw(name).items() if not k.startswith("_")}
+    return AutoConfig.for_model(values.pop("model_type"), **values)

@@ -1,0 +1,318 @@
+"""The VRAM estimator: predict a run's peak GPU memory term by term, before anything is loaded.
+
+Shapes come from the model built on PyTorch's `meta` device: exact module shapes for any architecture the
+installed transformers knows, with no memory allocated. Everything after that is arithmetic on those shapes;
+each term's comment says where its formula comes from. Sizes are bytes; GiB = 2**30 bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+GIB = 2**30
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+# bitsandbytes 4-bit: values packed two per byte, one absmax per block of 64 (functional.quantize_4bit).
+NF4_BLOCK = 64
+# Double quantization re-quantizes the absmax values to 8 bits in blocks of 256 (quantize_blockwise).
+NESTED_BLOCK = 256
+# Per quantized weight: the 16-entry fp32 code table; with double quantization also the nested absmax's fp32 offset.
+CODE_TABLE_BYTES = 16 * 4
+NESTED_OFFSET_BYTES = 4
+# bitsandbytes 8-bit optimizers keep tensors under this many elements in 32-bit state (Optimizer8bit.min_8bit_size).
+MIN_8BIT_SIZE = 4096
+OPTIMIZER_BLOCK = 256  # blockwise 8-bit state: one fp32 absmax per 256 values and state
+# Paged state goes to CUDA managed memory for tensors of at least this many elements (get_state_buffer).
+MIN_PAGED_SIZE = 100_000
+# TRL's fused LM head scores tokens in tiles of 4096 tokens x 32768 vocabulary entries (chunked_logprob.py).
+LOGPROB_TOKEN_TILE = 4096
+LOGPROB_VOCAB_TILE = 32768
+
+# The two constants that are not derived from shapes. Both are placeholders until calibrated on a GPU
+# (tools/measure_vram.py): the CUDA context with cuBLAS workspaces, and the caching allocator's rounding
+# and fragmentation as a share of the allocated peak.
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)
+ALLOCATOR_OVERHEAD_FRACTION = 0.05
+CALIBRATED = False
+
+
+@dataclass
+class Linear:
+    name: str
+    in_features: int
+    out_features: int
+    has_bias: bool
+    quantized: bool
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass
+class ModelShape:
+    """What the estimator needs to know about a model, read off its meta-device instance."""
+
+    name: str
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool
+    linears: list[Linear]
+    other_params: int  # embeddings, untied lm_head, norms: every parameter outside the linear layers
+    total_params: int
+
+    @property
+    def quantized(self) -> list[Linear]:
+        return [layer for layer in self.linears if layer.quantized]
+
+
+@dataclass
+class Settings:
+    rank: int = 8
+    target_modules: str | list[str] = "all-linear"
+    lora_dropout: float = 0.05
+    use_dora: bool = False
+    lora_dtype: str = "bfloat16"
+    compute_dtype: str = "bfloat16"
+    double_quant: bool = True
+    seq_len: int = 2048
+    batch_size: int = 1
+    optimizer: str = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class Estimate:
+    model: str
+    breakdown: dict[str, int]
+    trainable_params: int
+    total_params: int
+    settings: Settings
+    paged_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.breakdown.values())
+
+    def to_json(self, gpu_memory_gib: float | None = None) -> dict:
+        result = {
+            "model": self.model,
+            "total_gib": round(self.total / GIB, 3),
+            "breakdown_gib": {k: round(v / GIB, 4) for k, v in self.breakdown.items()},
+            "breakdown_bytes": dict(self.breakdown),
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_percent": round(100 * self.trainable_params / self.total_params, 4),
+            "paged_optimizer_gib": round(self.paged_bytes / GIB, 4),
+            "calibrated": CALIBRATED,
+            "inputs": {**asdict(self.settings), "rank": self.settings.rank, "batch_size": self.settings.batch_size},
+            "notes": self.notes,
+        }
+        if gpu_memory_gib is not None:
+            result["gpu_memory_gib"] = gpu_memory_gib
+            result["fits"] = self.total / GIB <= gpu_memory_gib
+            result["headroom_gib"] = round(gpu_memory_gib - self.total / GIB, 3)
+        return result
+
+
+# ---------------------------------------------------------------- reading shapes
+
+
+def model_shape(config, name: str) -> ModelShape:
+    """Build the model on the meta device (no memory) and read every linear layer's shape."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    # The same rule transformers applies when it quantizes: lm_head, tied weights and fp32-pinned modules stay.
+    keep = set(get_keys_to_not_convert(model)) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    linears = [Linear(n, m.in_features, m.out_features, m.bias is not None, not _matches(n, keep))
+               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    params = dict(model.named_parameters())  # deduplicates tied parameters
+    linear_params = {f"{l.name}.weight" for l in linears} | {f"{l.name}.bias" for l in linears if l.has_bias}
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    return ModelShape(
+        name=name,
+        model_type=text.model_type,
+        hidden=text.hidden_size,
+        layers=text.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        intermediate=text.intermediate_size,
+        vocab=text.vocab_size,
+        tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+        linears=linears,
+        other_params=sum(p.numel() for n, p in params.items() if n not in linear_params),
+        total_params=sum(p.numel() for p in params.values()),
+    )
+
+
+def _matches(name: str, keys: set[str]) -> bool:
+    return any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keys)
+
+
+def lora_targets(shape: ModelShape, targets: str | list[str]) -> list[Linear]:
+    """The layers PEFT wraps: `all-linear` is every linear layer but the output layer; a list matches name suffixes."""
+    if targets == "all-linear":
+        return [l for l in shape.linears if not l.name.endswith("lm_head")]
+    return [l for l in shape.linears if any(l.name == t or l.name.endswith("." + t) for t in targets)]
+
+
+# ---------------------------------------------------------------- the terms
+
+
+def estimate(shape: ModelShape, s: Settings) -> Estimate:
+    compute = DTYPE_BYTES[s.compute_dtype]
+    targets = lora_targets(shape, s.target_modules)
+    lora_tensors = _lora_tensor_sizes(targets, s)
+    trainable = sum(lora_tensors)
+    optimizer_bytes, paged = optimizer_state_bytes(lora_tensors, s.optimizer, DTYPE_BYTES[s.lora_dtype])
+    breakdown = {
+        "base_weights": base_weight_bytes(shape),
+        "quant_constants": quant_constant_bytes(shape, s.double_quant, compute),
+        "unquantized_params": unquantized_param_bytes(shape, compute),
+        "lora_params": lora_param_bytes(lora_tensors, targets, s),
+        # Gradients have the dtype of their parameter and exist for trainable ones only.
+        "lora_grads": lora_param_bytes(lora_tensors, targets, s),
+        "optimizer_states": optimizer_bytes,
+        "activations": activation_bytes(shape, targets, s),
+        "logits": logits_bytes(shape, s),
+    }
+    allocated = sum(breakdown.values())
+    breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
+    breakdown["allocator_overhead"] = int(ALLOCATOR_OVERHEAD_FRACTION * allocated)
+    notes = [] if CALIBRATED else ["cuda_context and allocator_overhead are uncalibrated defaults"]
+    return Estimate(shape.name, breakdown, trainable, shape.total_params, s, paged_bytes=paged, notes=notes)
+
+
+def base_weight_bytes(shape: ModelShape) -> int:
+    """Packed 4-bit values: two per byte (quantize_4bit's output, uint8 storage)."""
+    return sum(math.ceil(l.numel / 2) for l in shape.quantized)
+
+
+def quant_constant_bytes(shape: ModelShape, double_quant: bool, compute_bytes: int) -> int:
+    """One absmax per 64 values: fp32, or with double quantization uint8 plus one fp32 per 256 absmax.
+    Linear-layer biases stay in the compute dtype and are counted with them."""
+    total = 0
+    for layer in shape.quantized:
+        blocks = math.ceil(layer.numel / NF4_BLOCK)
+        if double_quant:
+            total += blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + NESTED_OFFSET_BYTES
+        else:
+            total += 4 * blocks
+        total += CODE_TABLE_BYTES
+        total += compute_bytes * layer.out_features if layer.has_bias else 0
+    return total
+
+
+def unquantized_param_bytes(shape: ModelShape, compute_bytes: int) -> int:
+    """Embeddings, lm_head (once if tied), norms, and unquantized linear layers, all loaded in the compute dtype:
+    we skip `prepare_model_for_kbit_training`, which would make them fp32."""
+    unquantized_linears = sum(l.numel + (l.out_features if l.has_bias else 0) for l in shape.linears if not l.quantized)
+    if shape.tied_embeddings:  # the tied lm_head is the embedding matrix, already in other_params
+        unquantized_linears -= sum(l.numel for l in shape.linears if not l.quantized and l.name.endswith("lm_head"))
+    return compute_bytes * (shape.other_params + unquantized_linears)
+
+
+def _lora_tensor_sizes(targets: list[Linear], s: Settings) -> list[int]:
+    """Element counts of every trainable tensor: A (r x in) and B (out x r) per target, DoRA's magnitude (out)."""
+    sizes = []
+    for layer in targets:
+        sizes += [s.rank * layer.in_features, layer.out_features * s.rank]
+        if s.use_dora:
+            sizes.append(layer.out_features)
+    return sizes
+
+
+def lora_param_bytes(sizes: list[int], targets: list[Linear], s: Settings) -> int:
+    """A and B in the adapter dtype; the DoRA magnitude stays fp32 (TRL does not cast it)."""
+    magnitude = sum(l.out_features for l in targets) if s.use_dora else 0
+    return DTYPE_BYTES[s.lora_dtype] * (sum(sizes) - magnitude) + 4 * magnitude
+
+
+def optimizer_state_bytes(sizes: list[int], optimizer: str, param_bytes: int) -> tuple[int, int]:
+    """AdamW's two moments. bitsandbytes 8-bit: one byte each plus an fp32 absmax per 256 values, but 32-bit
+    state for tensors under 4096 values. 32-bit bnb: 8 bytes/param. torch AdamW: the parameter's dtype.
+    Returns (bytes, of which paged): paged optimizers put tensors of 100k+ values in CUDA managed memory."""
+    total = paged = 0
+    for n in sizes:
+        if optimizer in ("paged_adamw_8bit", "adamw_bnb_8bit") and n >= MIN_8BIT_SIZE:
+            size = 2 * n + 2 * 4 * math.ceil(n / OPTIMIZER_BLOCK)
+        elif optimizer == "adamw_torch":
+            size = 2 * param_bytes * n
+        else:
+            size = 8 * n
+        total += size
+        if optimizer.startswith("paged_") and n >= MIN_PAGED_SIZE:
+            paged += 2 * n * (1 if "8bit" in optimizer else 4)
+    return total, paged
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, targets: list[Linear], s: Settings) -> float:
+    """Bytes one decoder layer saves for backward, per token, in a Llama-style block.
+
+    RMSNorm (HF): fp32 copy of its input plus the bf16 output, twice per layer. Attention: the normed input
+    read by q/k/v, q/k/v after RoPE, the attention output and its projection input, fp32 log-sum-exp per head.
+    SwiGLU MLP: gate, up, act(gate) and their product (4 x intermediate). LoRA: the dropout output and its
+    mask for each target's input, and the rank-r intermediate.
+    """
+    a = DTYPE_BYTES[s.compute_dtype]
+    h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+    norms = 2 * (4 * h + a * h)
+    attention = a * h + a * (q + 2 * kv) + 2 * a * q + 4 * shape.heads
+    mlp = a * h + 4 * a * i
+    # Targets spread over the layers; one layer carries its share of them.
+    lora = sum((a + 1) * t.in_features if s.lora_dropout > 0 else 0 for t in targets) + a * s.rank * len(targets)
+    return norms + attention + mlp + lora / shape.layers
+
+
+def attention_matrix_bytes(shape: ModelShape, s: Settings) -> int:
+    """Eager attention materialises batch x heads x seq^2 scores and probabilities; SDPA and flash do not."""
+    if s.attn_implementation != "eager":
+        return 0
+    return 2 * DTYPE_BYTES[s.compute_dtype] * s.batch_size * shape.heads * s.seq_len**2
+
+
+def activation_bytes(shape: ModelShape, targets: list[Linear], s: Settings) -> int:
+    """Saved activations at the backward peak.
+
+    With checkpointing (non-reentrant, one checkpoint per decoder layer) each layer keeps only its input, and
+    the layer being back-propagated is recomputed in full. Without it every layer keeps everything. On top:
+    the bf16 copy of the largest weight that bitsandbytes dequantizes for each matmul.
+    """
+    tokens = s.batch_size * s.seq_len
+    a = DTYPE_BYTES[s.compute_dtype]
+    one_layer = layer_activation_bytes_per_token(shape, targets, s) * tokens + attention_matrix_bytes(shape, s)
+    if s.gradient_checkpointing:
+        saved = shape.layers * a * shape.hidden * tokens + one_layer
+    else:
+        saved = shape.layers * one_layer
+    dequantized = a * max((l.numel for l in shape.quantized), default=0)
+    # Gradient of the hidden state flowing back through the residual stream, and of the widest intermediate.
+    backward_transients = a * (2 * shape.hidden + shape.intermediate) * tokens
+    return int(saved + dequantized + backward_transients)
+
+
+def logits_bytes(shape: ModelShape, s: Settings) -> int:
+    """TRL 1.16's default loss never builds batch x seq x vocab logits: a fused LM head scores 4096-token by
+    32768-vocabulary tiles, keeps fp32 per-token statistics, and back-propagates an fp32 hidden-state gradient."""
+    tokens = s.batch_size * s.seq_len
+    a = DTYPE_BYTES[s.compute_dtype]
+    tile = min(tokens, LOGPROB_TOKEN_TILE) * min(shape.vocab, LOGPROB_VOCAB_TILE) * a
+    hidden_copy = tokens * shape.hidden * a  # hidden_states[mask]
+    per_token_stats = 10 * 4 * tokens  # running max, sums, log-z, entropy, target logit, ...
+    hidden_grad = tokens * shape.hidden * 4
+    return tile + hidden_copy + per_token_stats + hidden_grad

@@ -1,0 +1,128 @@
+"""The estimator's front end: find a model's shape, turn a recipe into estimator settings, print the
+breakdown, search for settings that fit, and stop a run that will not fit before it loads anything."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from qlora_trainer.architectures import DEFAULT_FOR_SIZE, architecture_for, known_architectures, load_architecture
+from qlora_trainer.errors import UserError, WontFitError
+from qlora_trainer.memory import CALIBRATED, GIB, Estimate, ModelShape, Settings, estimate, model_shape
+from qlora_trainer.recipe import Recipe
+
+TABLE_RANKS = (1, 2, 4, 8, 16, 64, 256, 1024)
+TABLE_MODELS = ("llama-2-7b", "mistral-7b", "llama-3.1-8b", "qwen2.5-7b", "llama-2-13b", "qwen2.5-14b", "llama-2-70b")
+
+
+def shape_for_model(name_or_path: str, trust_remote_code: bool = False) -> ModelShape:
+    """A model's shape from a known architecture (offline), a local directory or config.json, or the hub."""
+    from transformers import AutoConfig
+
+    from qlora_trainer.demo_model import demo_model_path, is_demo_model
+
+    known = architecture_for(name_or_path)
+    if known:
+        return model_shape(load_architecture(known), known)
+    path = demo_model_path(name_or_path) if is_demo_model(name_or_path) else Path(name_or_path).expanduser()
+    if path.is_file() and path.name.endswith(".json"):
+        path = path.parent
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        raise UserError(f"cannot read a config for '{name_or_path}': pass a local model directory or config.json, "
+                        f"or a known architecture ({', '.join(known_architectures())})") from None
+    return model_shape(config, name_or_path)
+
+
+def shape_for_size(size: str) -> ModelShape:
+    key = size.upper()
+    if key not in DEFAULT_FOR_SIZE:
+        raise UserError(f"--model-size {size}: known sizes are {', '.join(DEFAULT_FOR_SIZE)}")
+    return shape_for_model(DEFAULT_FOR_SIZE[key])
+
+
+def settings_from_recipe(recipe: Recipe) -> Settings:
+    lora, train = recipe.lora, recipe.train
+    return Settings(
+        rank=lora.r, target_modules=lora.target_modules, lora_dropout=lora.dropout, use_dora=lora.use_dora,
+        lora_dtype=lora.dtype, compute_dtype=recipe.quantization.compute_dtype,
+        double_quant=recipe.quantization.double_quant, seq_len=train.seq_len, batch_size=train.micro_batch_size,
+        optimizer=train.optimizer, gradient_checkpointing=train.gradient_checkpointing,
+        attn_implementation=recipe.model.attn_implementation,
+    )
+
+
+def format_estimate(est: Estimate, gpu_memory_gib: float | None = None) -> str:
+    s = est.settings
+    lines = [f"Memory estimate for {est.model} (peak GPU memory, as nvidia-smi shows it)"]
+    for term, size in est.breakdown.items():
+        lines.append(f"  {term:<20} {size / GIB:8.3f} GiB")
+    lines.append(f"  {'total':<20} {est.total / GIB:8.3f} GiB")
+    share = 100 * est.trainable_params / est.total_params
+    lines.append(f"  trainable params {est.trainable_params:,} of {est.total_params:,} ({share:.3f}%)")
+    lines.append(f"  inputs: rank {s.rank} on {s.target_modules if isinstance(s.target_modules, str) else ','.join(s.target_modules)}, "
+                 f"seq_len {s.seq_len}, micro-batch {s.batch_size}, {s.optimizer}, "
+                 f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.attn_implementation} attention")
+    if est.paged_bytes:
+        lines.append(f"  of the optimizer state, {est.paged_bytes / GIB:.3f} GiB is paged (spills to CPU RAM under pressure)")
+    if gpu_memory_gib is not None:
+        verdict = "fits" if est.total / GIB <= gpu_memory_gib else "does NOT fit"
+        lines.append(f"  on a {gpu_memory_gib:g} GiB GPU: {verdict} (headroom {gpu_memory_gib - est.total / GIB:+.2f} GiB)")
+    if not CALIBRATED:
+        lines.append("  note: the cuda_context and allocator_overhead constants are not yet calibrated on a GPU")
+    return "\n".join(lines)
+
+
+def fit(shape: ModelShape, settings: Settings, gpu_memory_gib: float, global_batch: int) -> dict:
+    """The longest sequence (up to the requested one) and then the largest micro-batch that fit, with the
+    accumulation that keeps the global batch."""
+    limit = gpu_memory_gib * GIB
+    seq = settings.seq_len
+    while seq >= 128 and estimate(shape, dataclasses.replace(settings, seq_len=seq, batch_size=1)).total > limit:
+        seq //= 2
+    if seq < 128:
+        return {"fits": False, "reason": "even seq_len 128 with micro-batch 1 does not fit"}
+    batch = 1
+    while batch * 2 <= global_batch and estimate(shape, dataclasses.replace(settings, seq_len=seq, batch_size=batch * 2)).total <= limit:
+        batch *= 2
+    best = estimate(shape, dataclasses.replace(settings, seq_len=seq, batch_size=batch))
+    return {"fits": True, "seq_len": seq, "micro_batch_size": batch, "gradient_accumulation_steps": max(1, global_batch // batch),
+            "global_batch_size": global_batch, "total_gib": round(best.total / GIB, 3)}
+
+
+def rank_table(models: tuple[str, ...] = TABLE_MODELS, ranks: tuple[int, ...] = TABLE_RANKS) -> str:
+    """Trainable share of parameters by LoRA rank (all linear layers), exact for each architecture."""
+    shapes = [shape_for_model(m) for m in models]
+    width = max(len(m) for m in models)
+    lines = [f"{'rank':>6}  " + "  ".join(f"{m:>{width}}" for m in models)]
+    for r in ranks:
+        cells = [f"{100 * estimate(sh, Settings(rank=r)).trainable_params / sh.total_params:>{width - 1}.3f}%" for sh in shapes]
+        lines.append(f"{r:>6}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def fixes_that_fit(shape: ModelShape, settings: Settings, limit_gib: float) -> list[str]:
+    """The two or three single changes that would bring the estimate under the limit."""
+    candidates = [
+        ("--set train.micro_batch_size=1", {"batch_size": 1}),
+        ("--set train.gradient_checkpointing=true", {"gradient_checkpointing": True}),
+        (f"--set train.seq_len={settings.seq_len // 2}", {"seq_len": settings.seq_len // 2}),
+        ("--set train.optimizer=paged_adamw_8bit", {"optimizer": "paged_adamw_8bit"}),
+        (f"--set lora.r={max(1, settings.rank // 2)}", {"rank": max(1, settings.rank // 2)}),
+    ]
+    found = []
+    for flag, change in candidates:
+        changed = dataclasses.replace(settings, **change)
+        if changed != settings and estimate(shape, changed).total / GIB <= limit_gib:
+            found.append(f"{flag} ({estimate(shape, changed).total / GIB:.1f} GiB)")
+    return found[:3]
+
+
+def check_fits(est: Estimate, shape: ModelShape, free_gib: float, force: bool) -> None:
+    if est.total / GIB <= free_gib or force:
+        return
+    fixes = fixes_that_fit(shape, est.settings, free_gib)
+    hint = "; try " + ", or ".join(fixes) if fixes else "; use a smaller model or a larger GPU"
+    raise WontFitError(f"estimated peak {est.total / GIB:.1f} GiB exceeds the {free_gib:.1f} GiB free on this GPU{hint} "
+                       "(or --force to try anyway)")

@@ -1,0 +1,171 @@
+"""The estimator's terms, each checked against what the real libraries allocate on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from helpers import run_cli
+from qlora_trainer.architectures import known_architectures, load_architecture
+from qlora_trainer.memory import (
+    Settings, base_weight_bytes, estimate, lora_targets, model_shape, optimizer_state_bytes, quant_constant_bytes,
+    unquantized_param_bytes,
+)
+from qlora_trainer.model import load_base_model
+from qlora_trainer.recipe import ModelSection, QuantizationSection
+
+FAMILIES = ["llama-2-7b", "mistral-7b", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini"]
+
+
+def tiny_config(name: str):
+    """A known architecture shrunk to 2 layers of width 64, keeping its family's structure (bias, tying, fusing)."""
+    config = load_architecture(name)
+    config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    if getattr(config, "head_dim", None) is not None:
+        config.head_dim = 16
+    if hasattr(config, "layer_types"):
+        config.layer_types = config.layer_types[:2] if config.layer_types else None
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """Tiny random models of two families saved to disk, to be loaded in 4-bit like a real run."""
+    dirs = {}
+    for name in ("llama-2-7b", "qwen2.5-0.5b"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.bfloat16)
+        dirs[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(dirs[name])
+    return dirs
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of distinct storages, so tensors shared between weights count once, as in real memory."""
+    seen = {}
+    for t in tensors:
+        if t is not None:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def test_known_architectures_cover_the_issue_list():
+    for name in ("llama-7b", "llama-65b", "llama-2-70b", "llama-3.1-8b", "mistral-7b", "qwen2.5-72b", "gemma-2-27b", "phi-3-medium"):
+        assert name in known_architectures()
+
+
+def test_published_parameter_counts():
+    shape = model_shape(load_architecture("llama-2-7b"), "llama-2-7b")
+    assert shape.total_params == 6_738_415_616
+    assert estimate(shape, Settings(rank=8)).trainable_params == 19_988_480  # the QLoRA paper's LLaMA-7B r=8 count
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("family", ["llama-2-7b", "qwen2.5-0.5b"])
+def test_4bit_weights_and_constants_match_bitsandbytes(tiny_dirs, family, double_quant):
+    model = load_base_model(ModelSection(name_or_path=str(tiny_dirs[family])), QuantizationSection(double_quant=double_quant), "cpu")
+    four_bit = [p for p in model.parameters() if p.dtype == torch.uint8]
+    states = [p.quant_state for p in four_bit]
+    constants = storage_bytes([t for q in states for t in (q.absmax, q.code, q.offset, q.state2.absmax if q.state2 else None)])
+    biases = sum(m.bias.numel() * m.bias.element_size() for m in model.modules()
+                 if isinstance(m, bnb.nn.Linear4bit) and m.bias is not None)
+    shape = model_shape(tiny_config(family), family)
+    assert base_weight_bytes(shape) == storage_bytes(four_bit)
+    assert quant_constant_bytes(shape, double_quant, 2) == pytest.approx(constants + biases, rel=0.01)
+
+
+@pytest.mark.parametrize("family", ["llama-2-7b", "qwen2.5-0.5b"])
+def test_unquantized_bytes_match_the_loaded_dtypes(tiny_dirs, family):
+    model = load_base_model(ModelSection(name_or_path=str(tiny_dirs[family])), QuantizationSection(), "cpu")
+    linear_biases = {id(m.bias) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.bias is not None}
+    real = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype != torch.uint8 and id(p) not in linear_biases)
+    assert unquantized_param_bytes(model_shape(tiny_config(family), family), 2) == real
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rank, targets", [(8, "all-linear"), (4, ["q_proj", "v_proj"]), (16, ["down_proj", "o_proj"])])
+def test_trainable_parameters_equal_peft(family, rank, targets):
+    config = tiny_config(family)
+    if family == "phi-3-mini" and isinstance(targets, list):
+        targets = ["qkv_proj", "o_proj"]  # Phi-3 fuses q, k and v
+    model = AutoModelForCausalLM.from_config(config)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, target_modules=targets, task_type="CAUSAL_LM"))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert estimate(model_shape(config, family), Settings(rank=rank, target_modules=targets)).trainable_params == trainable
+
+
+@pytest.mark.parametrize("optimizer, cls", [
+    ("paged_adamw_8bit", bnb.optim.PagedAdamW8bit), ("paged_adamw_32bit", bnb.optim.PagedAdamW32bit),
+    ("adamw_torch", torch.optim.AdamW),
+])
+def test_optimizer_state_matches_a_real_step(optimizer, cls):
+    # Sizes on both sides of the 4096-element threshold under which bitsandbytes keeps 32-bit state.
+    params = [torch.nn.Parameter(torch.randn(n, dtype=torch.bfloat16)) for n in (8 * 64, 8 * 512, 640 * 8, 8 * 3000)]
+    opt = cls(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    held = [v for state in opt.state.values() for k, v in state.items()
+            if torch.is_tensor(v) and k not in ("qmap1", "qmap2", "step", "unorm_vec")]
+    predicted, _ = optimizer_state_bytes([p.numel() for p in params], optimizer, 2)
+    assert predicted == storage_bytes(held)
+
+
+def test_lora_targets_follow_peft_all_linear():
+    shape = model_shape(tiny_config("llama-2-7b"), "tiny")
+    assert len(lora_targets(shape, "all-linear")) == 2 * 7
+    assert all(not t.name.endswith("lm_head") for t in lora_targets(shape, "all-linear"))
+
+
+def test_estimate_grows_with_rank_sequence_and_batch():
+    shape = model_shape(load_architecture("llama-3.1-8b"), "llama-3.1-8b")
+    base = Settings()
+    total = lambda **change: estimate(shape, dataclasses.replace(base, **change)).total
+    assert total(rank=8) < total(rank=16) < total(rank=64)
+    assert total(seq_len=512) < total(seq_len=1024) < total(seq_len=2048)
+    assert total(batch_size=1) < total(batch_size=2) < total(batch_size=4)
+    with_ckpt = estimate(shape, base).breakdown["activations"]
+    without = estimate(shape, dataclasses.replace(base, gradient_checkpointing=False)).breakdown["activations"]
+    assert with_ckpt < without / 4
+    assert estimate(shape, dataclasses.replace(base, attn_implementation="eager")).total > estimate(shape, base).total
+
+
+def test_estimate_json_has_the_contract_keys():
+    result = run_cli("estimate", "--model", "llama-2-7b", "--rank", "8", "--seq-len", "2048", "--gpu-memory", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data["breakdown_gib"]) == {"base_weights", "quant_constants", "unquantized_params", "lora_params",
+                                          "lora_grads", "optimizer_states", "activations", "logits", "cuda_context",
+                                          "allocator_overhead"}
+    assert data["total_gib"] == pytest.approx(sum(data["breakdown_gib"].values()), abs=0.01)
+    assert data["trainable_params"] == 19_988_480 and data["total_params"] == 6_738_415_616
+    assert data["inputs"]["rank"] == 8 and data["inputs"]["optimizer"] == "paged_adamw_8bit"
+    assert data["fits"] is True and data["headroom_gib"] == pytest.approx(12 - data["total_gib"], abs=0.01)
+
+
+def test_estimate_table_and_fit_from_a_recipe():
+    result = run_cli("estimate", "--recipe", "llama7b-r8", "--gpu-memory", "8", "--fit")
+    assert result.returncode == 0, result.stderr
+    assert "base_weights" in result.stdout and "Largest that fits 8 GiB: seq_len" in result.stdout
+    table = run_cli("estimate", "--table")
+    assert "1024" in table.stdout and "llama-2-70b" in table.stdout
+
+
+def test_estimate_reads_a_local_config(tmp_path):
+    tiny_config("qwen2.5-0.5b").save_pretrained(tmp_path)
+    result = run_cli("estimate", "--model", str(tmp_path / "config.json"), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["total_params"] == model_shape(tiny_config("qwen2.5-0.5b"), "x").total_params
+
+
+def test_estimate_bad_input_is_one_line():
+    result = run_cli("estimate", "--model-size", "6B")
+    assert result.returncode == 2 and "known sizes are" in result.stderr and "Traceback" not in result.stderr
