@@ -169,3 +169,36 @@ def test_estimate_reads_a_local_config(tmp_path):
 def test_estimate_bad_input_is_one_line():
     result = run_cli("estimate", "--model-size", "6B")
     assert result.returncode == 2 and "known sizes are" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_measure_vram_tool_runs_the_training_path_on_cpu(tmp_path):
+    """tools/measure_vram.py is the GPU proof; on CPU its code path still has to work end to end."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    out = tmp_path / "out.jsonl"
+    shrink = json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "vocab_size": 512, "bos_token_id": 0, "eos_token_id": 1})
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "measure_vram.py"), "--device", "cpu", "--arch", "llama-3.1-8b",
+                             "--seq-len", "64", "--batch-size", "2", "--steps", "2", "--config-override", shrink,
+                             "--workdir", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["steps"] == 2 and row["predicted_gib"] > 0 and row["final_loss"] > 0
+    assert set(row["predicted_breakdown_gib"]) >= {"base_weights", "activations", "logits"}
+
+
+def test_vram_grid_covers_the_issue():
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("measure_vram", REPO / "tools" / "measure_vram.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    configs = module.grid_configs()
+    assert len(configs) >= 12
+    for key, values in module.GRID.items():
+        assert {c[key] for c in configs} == set(values), key
