@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from qlora_trainer.errors import EXIT_OK, UserError
+from qlora_trainer.errors import EXIT_INTERRUPTED, EXIT_OK, TrainingFailed, UserError
 
-COMMANDS = ("train", "estimate", "recipes")
+COMMANDS = ("train", "estimate", "export", "generate", "recipes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,27 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--fit", action="store_true", help="with --gpu-memory: the longest seq_len and largest micro-batch that fit")
     est.add_argument("--json", action="store_true", help="print the contract's JSON instead of a table")
 
+    exp = sub.add_parser("export", help="merge an adapter into its base and write fp16/bf16 safetensors")
+    exp.add_argument("source", type=Path, help="run directory or adapter directory")
+    exp.add_argument("--output", type=Path, required=True, help="directory to write (must not exist unless --force)")
+    exp.add_argument("--dtype", choices=["float16", "bfloat16"], help="dtype of the export (default: the recipe's export.dtype, else float16)")
+    exp.add_argument("--base-weights", choices=["dequantized", "original"], default="dequantized",
+                     help="merge into the NF4-rounded weights training saw (default, exact) or the original 16-bit ones")
+    exp.add_argument("--base", help="base model to merge into (default: the one the run or adapter names)")
+    exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB")
+    exp.add_argument("--no-verify", action="store_true", help="skip comparing the export's logits with the 4-bit model")
+    exp.add_argument("--force", action="store_true", help="replace an existing --output")
+
+    gen = sub.add_parser("generate", help="generate text from a run, an adapter or a merged export")
+    gen.add_argument("source", type=Path, help="run directory, adapter directory or merged export")
+    prompts = gen.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="one prompt")
+    prompts.add_argument("--file", type=Path, help="a text file with one prompt per line")
+    gen.add_argument("--base", help="base model for an adapter (default: the one it names)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+
     sub.add_parser("recipes", help="list the shipped recipes with their estimated GPU memory")
     return parser
 
@@ -58,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "estimate": _estimate, "recipes": _recipes}[args.command](args)
-    except UserError as err:
+        commands = {"train": _train, "estimate": _estimate, "export": _export, "generate": _generate, "recipes": _recipes}
+        return commands[args.command](args)
+    except (UserError, TrainingFailed) as err:
         print(f"qlora-trainer: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("qlora-trainer: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _train(args) -> int:
@@ -125,6 +147,36 @@ def _estimate(args) -> int:
         print(f"Largest that fits {args.gpu_memory:g} GiB: seq_len {found['seq_len']}, micro-batch {found['micro_batch_size']} "
               f"x accumulation {found['gradient_accumulation_steps']} ({found['total_gib']:.2f} GiB)"
               if found["fits"] else f"Nothing fits {args.gpu_memory:g} GiB: {found['reason']}")
+    return EXIT_OK
+
+
+def _export(args) -> int:
+    from qlora_trainer.adapter_source import find_adapter
+    from qlora_trainer.export import ExportOptions, export
+
+    dtype = args.dtype
+    if dtype is None:
+        source = find_adapter(args.source, args.base)
+        dtype = source.recipe.export.dtype if source.recipe else "float16"
+    options = ExportOptions(source=args.source, output=args.output, dtype=dtype, base_weights=args.base_weights,
+                            base=args.base, max_shard_size=args.max_shard_size, verify=not args.no_verify, force=args.force)
+    export(options)
+    print(f"Exported to {args.output} ({dtype}); load it with AutoModelForCausalLM.from_pretrained('{args.output}')")
+    return EXIT_OK
+
+
+def _generate(args) -> int:
+    from qlora_trainer.generate import GenerateOptions, format_prompt, generate, load_for_inference
+
+    if args.file is not None and not args.file.is_file():
+        raise UserError(f"--file {args.file} does not exist")
+    prompts = [args.prompt] if args.prompt is not None else [
+        line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    model, tokenizer, data_format = load_for_inference(args.source, args.base)
+    options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    for prompt in prompts:
+        print(f">>> {prompt}", flush=True)
+        generate(model, tokenizer, format_prompt(prompt, data_format, tokenizer), options)
     return EXIT_OK
 
 

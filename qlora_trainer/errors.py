@@ -16,3 +16,18 @@ class WontFitError(UserError):
     """The run is predicted not to fit the machine it would run on. Exit code 3; `--force` overrides."""
 
     exit_code = EXIT_WONT_FIT
+
+EXIT_INTERRUPTED = 130
+
+
+class TrainingFailed(Exception):
+    """A run that started but could not finish (non-finite loss, out of memory, disk full): one line saying what
+    happened, what was kept, and what to try. Exit code 1."""
+
+    exit_code = EXIT_FAILURE
+
+
+class Interrupted(TrainingFailed):
+    """SIGINT/SIGTERM: a checkpoint was saved and the message gives the resume command. Exit code 130."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -131,13 +131,13 @@ def model_shape(config, name: str) -> ModelShape:
     """Build the model on the meta device (no memory) and read every linear layer's shape."""
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.quantizers.base import get_keys_to_not_convert
+
+    from qlora_trainer.model import quantized_linear_names
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    # The same rule transformers applies when it quantizes: lm_head, tied weights and fp32-pinned modules stay.
-    keep = set(get_keys_to_not_convert(model)) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    linears = [Linear(n, m.in_features, m.out_features, m.bias is not None, not _matches(n, keep))
+    quantized = quantized_linear_names(model)
+    linears = [Linear(n, m.in_features, m.out_features, m.bias is not None, n in quantized)
                for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     params = dict(model.named_parameters())  # deduplicates tied parameters
     linear_params = {f"{l.name}.weight" for l in linears} | {f"{l.name}.bias" for l in linears if l.has_bias}
@@ -158,10 +158,6 @@ def model_shape(config, name: str) -> ModelShape:
         other_params=sum(p.numel() for n, p in params.items() if n not in linear_params),
         total_params=sum(p.numel() for p in params.values()),
     )
-
-
-def _matches(name: str, keys: set[str]) -> bool:
-    return any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keys)
 
 
 def lora_targets(shape: ModelShape, targets: str | list[str]) -> list[Linear]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class MetricsLogger(TrainerCallback):
             row.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
             row.update(self._speed(logs))
         row.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+        if logs.get("eval_loss") is not None:  # perplexity of the eval tokens the loss counts (answers only by default)
+            row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 700.0))  # capped: exp overflows a float past ~709
         if torch.cuda.is_available():
             row["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
         with self.path.open("a", encoding="utf-8") as handle:

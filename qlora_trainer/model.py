@@ -130,6 +130,17 @@ def format_parameter_report(report: dict) -> str:
             f"|| trainable%: {report['trainable_percent']:.4f}")
 
 
+def quantized_linear_names(model) -> set[str]:
+    """Names of the linear layers transformers quantizes to 4-bit: all but lm_head, tied and fp32-pinned modules.
+    Uses transformers' own rule so that the estimator and the export agree with what loading really does."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    keep = set(get_keys_to_not_convert(model)) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return {name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and not any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keep)}
+
+
 def frozen_dtypes(model) -> dict[str, str]:
     """Dtype of each frozen, non-4-bit parameter (embeddings, lm_head, norms), for the run summary and tests."""
     return {name: str(param.dtype).removeprefix("torch.") for name, param in model.named_parameters()

@@ -57,14 +57,38 @@ class LoraSection(_Section):
 class DataSection(_Section):
     path: str = Field(description="Local .jsonl/.json/.csv/.parquet file or directory, or a hub dataset id.")
     format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
-        "auto", description="Row shape; `auto` detects it from the columns."
+        "auto", description="Row shape; `auto` detects it from the columns (the saved recipe.yaml records what was found)."
+    )
+    columns: dict[str, str] = Field(
+        {}, description="Our field name -> the dataset's column, e.g. {prompt: question, completion: answer}."
     )
     config: str | None = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Split to train on.")
     eval_path: str | None = Field(None, description="Separate file or hub id for evaluation rows.")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the training rows held out for eval when no eval_path.")
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (default: completion only).")
+    chat_template: Literal["chatml", "alpaca"] | None = Field(
+        None, description="Template for conversational rows; default: the tokenizer's own (a base model without one needs this)."
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Rows longer than train.seq_len tokens: cut at seq_len, or leave out. Counted either way."
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="A row that is not valid JSON or lacks its fields: stop naming it, or skip and count it."
+    )
+    max_bad_fraction: float = Field(0.1, ge=0, le=1, description="With on_bad_rows: skip, stop when more than this share is bad.")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N training rows (quick trials).")
+
+    @model_validator(mode="after")
+    def _check_data_options(self) -> DataSection:
+        unknown = sorted(set(self.columns) - set(COLUMN_FIELDS))
+        if unknown:
+            raise ValueError(f"data.columns: unknown field {', '.join(unknown)}; the fields are {', '.join(COLUMN_FIELDS)}")
+        return self
+
+
+# The row fields data.columns can map to dataset columns.
+COLUMN_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "text")
 
 
 class TrainSection(_Section):
@@ -83,6 +107,10 @@ class TrainSection(_Section):
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping (the QLoRA paper uses 0.3).")
     optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_torch"] = Field(
         "paged_adamw_8bit", description="Optimizer; paged ones spill state to CPU RAM instead of failing on spikes."
+    )
+    packing: bool = Field(False, description="Pack several rows into each seq_len sequence (TRL best-fit packing, no cross-row attention).")
+    padding_free: bool = Field(
+        False, description="Concatenate a batch's rows without padding (implied by packing); needs data.overlong: drop without packing."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: much less memory, ~30% slower.")
     logging_steps: int = Field(10, gt=0, description="Log loss and speed every N steps.")
@@ -132,6 +160,15 @@ class Recipe(_Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Recipe:
+        if self.eval.exact_match and self.data.eval_path is None and self.data.eval_fraction == 0:
+            raise ValueError("eval.exact_match needs eval rows: set data.eval_path or data.eval_fraction")
+        if self.train.padding_free and not self.train.packing and self.data.overlong != "drop":
+            raise ValueError("train.padding_free without train.packing needs data.overlong: drop (TRL cannot truncate "
+                             "padding-free batches); or set train.packing: true")
+        return self
 
 
 # ---------------------------------------------------------------- locating recipes

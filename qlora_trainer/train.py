@@ -15,12 +15,14 @@ from transformers import TrainerCallback
 
 from qlora_trainer import model as model_lib
 from qlora_trainer.data import check_data_path, load_data
-from qlora_trainer.errors import UserError, WontFitError
+from qlora_trainer.sequence_fit import describe_data, fit_to_tokenizer
+from qlora_trainer.errors import Interrupted, TrainingFailed, UserError, WontFitError
 from qlora_trainer.exact_match import exact_match_accuracy
 from qlora_trainer.memory import estimate
-from qlora_trainer.memory_report import check_fits, format_estimate, settings_from_recipe, shape_for_model
+from qlora_trainer.memory_report import check_fits, fixes_that_fit, format_estimate, settings_from_recipe, shape_for_model
 from qlora_trainer.metrics import GIB, MetricsLogger, plot_loss, read_metrics
 from qlora_trainer.recipe import Recipe, dump_recipe
+from qlora_trainer.safeguards import StopOnNonFinite, StopOnSignal, atomic_checkpoint_trainer
 from qlora_trainer.run_dir import CHECKPOINTS, SUMMARY, latest_checkpoint, prepare_run_dir, write_json_atomic, write_text_atomic
 
 
@@ -72,8 +74,6 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
     gpu_free_gib = _free_gpu_gib() if device == "cuda" else None
     print(format_estimate(predicted, gpu_free_gib), flush=True)
     check_data_path(recipe.data)
-    if recipe.eval.exact_match and recipe.data.eval_path is None and recipe.data.eval_fraction == 0:
-        raise UserError("eval.exact_match needs eval rows: set data.eval_path or data.eval_fraction")
     if options.dry_run:
         print("Dry run: recipe and data paths are valid; stopping before loading weights.")
         return None
@@ -85,18 +85,21 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
     if recipe.eval.exact_match and data.format != "prompt_completion":
         raise UserError(f"eval.exact_match needs prompt/completion rows; {data.source} is {data.format}")
     tokenizer = model_lib.load_tokenizer(recipe.model)
+    data = fit_to_tokenizer(data, recipe.data, tokenizer, recipe.train.seq_len, recipe.model.name_or_path)
+    print(describe_data(data), flush=True)
     run, checkpoint = _open_run_dir(recipe, options, predicted.to_json(gpu_free_gib))
     context_bytes = _cuda_context_bytes() if device == "cuda" else None
 
     torch.manual_seed(recipe.train.seed)
     base = model_lib.load_base_model(recipe.model, recipe.quantization, device)
-    trainer = build_trainer(recipe, base, tokenizer, data, run, device)
+    guards = (StopOnSignal(), StopOnNonFinite())
+    trainer = build_trainer(recipe, base, tokenizer, data, run, device, callbacks=guards)
     report = model_lib.parameter_report(trainer.model)
     print(model_lib.format_parameter_report(report), flush=True)
 
     before = _exact_match(recipe, trainer, tokenizer, data, "before training")
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result = _run_guarded(trainer, guards, checkpoint, run, predicted, shape)
     runtime = time.perf_counter() - started
     after = _exact_match(recipe, trainer, tokenizer, data, "after training")
 
@@ -105,10 +108,44 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
     rows = _metrics_with_final_eval(trainer, data, run / "metrics.jsonl")
     plot_loss(rows, run / "loss.png", f"{options.recipe_name}: {recipe.model.name_or_path}")
     summary = _summary(recipe, options, trainer, result, runtime, rows, report, before, after,
-                       _peak_memory(predicted, context_bytes))
+                       _peak_memory(predicted, context_bytes), data)
     write_json_atomic(run / SUMMARY, summary)  # last: its presence marks the run complete
     print(_describe_summary(summary, run))
     return summary
+
+
+def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted, shape):
+    """trainer.train(), with every way it can stop early turned into one line that says what was kept."""
+    stop_signal, stop_nonfinite = guards
+    resume = f"python -m qlora_trainer --recipe {run / 'recipe.yaml'} --output-dir {run} --resume"
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.cuda.OutOfMemoryError:
+        peak = torch.cuda.max_memory_reserved() / GIB
+        fixes = fixes_that_fit(shape, predicted.settings, 0.9 * peak) or ["a smaller train.seq_len or micro_batch_size"]
+        raise TrainingFailed(f"CUDA out of memory at step {trainer.state.global_step}: peak {peak:.1f} GiB reserved, "
+                             f"estimate was {predicted.total / GIB:.1f} GiB; try {', or '.join(fixes)}; "
+                             f"checkpoints so far are in {run / CHECKPOINTS}") from None
+    except OSError as err:
+        raise TrainingFailed(f"cannot write in {run} ({err.strerror or err}); earlier checkpoints in {run / CHECKPOINTS} "
+                             f"are intact; free space or fix permissions, then: {resume}") from None
+    finally:
+        stop_signal.restore()
+    if stop_nonfinite.bad_step is not None:
+        last = latest_checkpoint(run)
+        raise TrainingFailed(f"loss became non-finite at step {stop_nonfinite.bad_step}; the update was dropped and "
+                             f"training stopped; last good checkpoint: {last or 'none'}; try a lower train.learning_rate "
+                             "or train.max_grad_norm, then start again or --resume")
+    if stop_signal.received is not None:
+        raise Interrupted(f"stopped by {signal_name(stop_signal.received)} at step {trainer.state.global_step}; checkpoint "
+                          f"saved in {run / CHECKPOINTS}; continue with: {resume}")
+    return result
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict) -> tuple[Path, Path | None]:
@@ -122,17 +159,15 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict) -> t
     return run, checkpoint
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str):
-    from trl import SFTTrainer
-
-    trainer = SFTTrainer(
+def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str, callbacks: tuple = ()):
+    trainer = atomic_checkpoint_trainer()(
         model=model,
         args=sft_config(recipe, run, device, has_eval=data.eval is not None),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=model_lib.lora_config(recipe.lora),
-        callbacks=[MetricsLogger(run / "metrics.jsonl"), AdapterDtype(recipe)],
+        callbacks=[MetricsLogger(run / "metrics.jsonl"), AdapterDtype(recipe), *callbacks],
     )
     model_lib.set_adapter_dtype(trainer.model, recipe.lora)
     return trainer
@@ -141,8 +176,13 @@ def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str
 def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool):
     from trl import SFTConfig
 
-    t = recipe.train
+    t, d = recipe.train, recipe.data
     eval_steps = t.eval_steps or t.logging_steps * 10
+    if (t.packing or t.padding_free) and recipe.model.trust_remote_code:
+        # transformers keeps packed rows apart (from position_ids) in its own sdpa/eager/flash attention; a model's
+        # own code may not, and would then let rows attend to each other without any error.
+        raise UserError("train.packing and train.padding_free need the model's transformers attention, and "
+                        "model.trust_remote_code runs the model's own code; unset train.packing/train.padding_free")
     return SFTConfig(
         output_dir=str(run / CHECKPOINTS),
         per_device_train_batch_size=t.micro_batch_size,
@@ -161,10 +201,17 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool):
         activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=recipe.quantization.compute_dtype == "bfloat16",
         fp16=recipe.quantization.compute_dtype == "float16" and device == "cuda",
-        max_length=t.seq_len,
-        completion_only_loss=not recipe.data.train_on_prompt,
+        # Rows longer than seq_len were counted (and with overlong: drop, left out) by data.fit_to_tokenizer; TRL
+        # truncates the rest. TRL cannot truncate padding-free batches without packing: there overlong is drop.
+        max_length=None if t.padding_free and not t.packing else t.seq_len,
+        completion_only_loss=not d.train_on_prompt,
+        # Conversations: loss on the assistant turns only, marked by the chat template's {% generation %} blocks.
+        assistant_only_loss=not d.train_on_prompt and d.format == "messages",
+        packing=t.packing,  # best-fit decreasing: whole rows per sequence, each attending only to itself
+        padding_free=t.padding_free,
         logging_steps=t.logging_steps,
         logging_first_step=True,  # the first loss shows where training started
+        logging_nan_inf_filter=False,  # a NaN loss must show up (and stop the run), not be averaged away
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps,
         save_steps=t.save_steps,
@@ -231,7 +278,7 @@ def _peak_memory(predicted, context_bytes: int | None) -> dict:
     return memory
 
 
-def _summary(recipe, options, trainer, result, runtime, rows, report, before, after, memory) -> dict:
+def _summary(recipe, options, trainer, result, runtime, rows, report, before, after, memory, data) -> dict:
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     final_eval = next((r for r in reversed(rows) if r.get("eval_loss") is not None), {})
     tokens = max((r.get("tokens") or 0 for r in rows), default=0)
@@ -245,10 +292,13 @@ def _summary(recipe, options, trainer, result, runtime, rows, report, before, af
         "final_loss": losses[-1] if losses else None,
         "mean_train_loss": result.training_loss,
         "eval_loss": final_eval.get("eval_loss"),
+        "eval_perplexity": final_eval.get("eval_perplexity"),
         "runtime_s": round(runtime, 2),
         "tokens": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
         **report,
+        "data_format": data.format,
+        "data": data.stats,
         "adapter_dtype": recipe.lora.dtype,
         "frozen_dtypes": sorted(set(model_lib.frozen_dtypes(trainer.model).values())),
         "exact_match_before": before and before["accuracy"],

@@ -43,3 +43,15 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The README's demo run as shipped (about a minute on CPU), shared by the tests that need a trained adapter."""
+    from helpers import run_cli
+
+    run = tmp_path_factory.mktemp("demo") / "run"
+    result = run_cli("--recipe", "tiny-demo", "--output-dir", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run / "stdout.txt").write_text(result.stdout)
+    return run

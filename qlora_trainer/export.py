@@ -1,0 +1,200 @@
+"""Export: merge a trained adapter into its base and write fp16/bf16 safetensors that plain transformers loads.
+
+By default each 4-bit-trained weight is first rounded through NF4 exactly as training saw it (same quant type,
+block size and double quantization), then the LoRA delta is added. The adapter learned to correct *that*
+weight, not the original 16-bit one, so merging into the original weights gives a different model
+(`--base-weights original` does it anyway and reports the drift). Works layer by layer in place on CPU:
+peak RAM is about one copy of the model in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_trainer import model as model_lib
+from qlora_trainer.adapter_source import AdapterSource, check_adapter_matches, find_adapter
+from qlora_trainer.errors import UserError
+from qlora_trainer.export_verify import DEFAULT_PROMPTS, compare_logits, verification_prompts
+from qlora_trainer.model import DTYPES
+
+# The verification bars for the default method: the merged model must pick the same next token almost
+# everywhere, and its logits may differ only by 16-bit rounding of the merged weights.
+MIN_TOP1_AGREEMENT = 0.99
+MAX_RELATIVE_LOGIT_ERROR = 0.02
+
+
+@dataclass
+class ExportOptions:
+    source: Path
+    output: Path
+    dtype: str = "float16"
+    base_weights: str = "dequantized"  # or "original"
+    base: str | None = None
+    max_shard_size: str = "5GB"
+    verify: bool = True
+    force: bool = False
+
+
+def export(options: ExportOptions) -> dict:
+    """Merge, write to a temporary directory, verify, then move into place. Returns the verification report."""
+    if options.output.exists() and not options.force:
+        raise UserError(f"--output {options.output} already exists; choose another directory or add --force to replace it")
+    source = find_adapter(options.source, options.base)
+    config = model_lib.load_config(source.base)
+    check_adapter_matches(source.adapter_dir, config, source.base.name_or_path)
+    print(f"Merging {source.adapter_dir} into {source.base.name_or_path} "
+          f"({'NF4-dequantized' if options.base_weights == 'dequantized' else 'original 16-bit'} base weights) -> {options.dtype}")
+
+    staging = Path(tempfile.mkdtemp(dir=options.output.parent if options.output.parent.exists() else None,
+                                    prefix=f".{options.output.name}.tmp-"))
+    try:
+        merged = merge(source, options)
+        write_export(merged, source, staging, options)
+        report = verify(staging, source, options) if options.verify else {"verified": False}
+        _write_model_card(staging, source, options, report)
+        _move_into_place(staging, options.output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left looking like an export
+        raise
+    return report
+
+
+def merge(source: AdapterSource, options: ExportOptions):
+    """Load the base in the compute dtype on CPU and fold each LoRA delta into its weight, one layer at a time."""
+    from transformers import AutoModelForCausalLM
+
+    compute = DTYPES[source.quantization.compute_dtype]
+    base = AutoModelForCausalLM.from_pretrained(
+        model_lib.resolve_model_path(source.base), revision=source.base.revision, dtype=compute,
+        trust_remote_code=source.base.trust_remote_code, device_map={"": "cpu"}, use_safetensors=True)
+    adapter = _load_adapter(source.adapter_dir)
+    quantized = model_lib.quantized_linear_names(base)
+    for name, module in base.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        weight = module.weight.data
+        if name in quantized and options.base_weights == "dequantized":
+            weight = nf4_round_trip(weight, source.quantization)
+        if name in adapter.layers:
+            weight = adapter.merge_into(name, weight)
+        module.weight.data = weight.to(DTYPES[options.dtype])
+    base.to(DTYPES[options.dtype])
+    return base
+
+
+def nf4_round_trip(weight: torch.Tensor, quant) -> torch.Tensor:
+    """The weight exactly as the 4-bit model used it: quantize with bitsandbytes, then dequantize."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=quant.double_quant,
+                                       quant_type=quant.quant_type)
+    return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
+
+
+@dataclass
+class _Adapter:
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # name -> (A, B, DoRA magnitude)
+    scale: float
+
+    def merge_into(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W + scale * B @ A in fp32; with DoRA, rescale each output row to the learned magnitude (PEFT's formula)."""
+        lora_a, lora_b, magnitude = self.layers[name]
+        merged = weight.float() + self.scale * (lora_b.float() @ lora_a.float())
+        if magnitude is not None:
+            merged = merged * (magnitude.float() / merged.norm(p=2, dim=1)).unsqueeze(1)
+        return merged
+
+
+def _load_adapter(adapter_dir: Path) -> _Adapter:
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{adapter_dir}: only LoRA adapters can be merged (this one is {config.get('peft_type')})")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise UserError(f"{adapter_dir}: per-layer rank or alpha patterns are not supported by export yet")
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / r**0.5 if config.get("use_rslora") else alpha / r
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    layers = {}
+    for key in tensors:
+        if ".lora_A." in key:
+            module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+            prefix = key.split(".lora_A.")[0]
+            magnitude = tensors.get(f"{prefix}.lora_magnitude_vector")
+            if magnitude is None:
+                magnitude = tensors.get(f"{prefix}.lora_magnitude_vector.weight")
+            layers[module] = (tensors[key], tensors[f"{prefix}.lora_B.weight"], magnitude)
+    return _Adapter(layers, scale)
+
+
+def write_export(model, source: AdapterSource, target: Path, options: ExportOptions) -> None:
+    from transformers import AutoTokenizer
+
+    model.config.dtype = options.dtype
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target, safe_serialization=True, max_shard_size=options.max_shard_size)
+    AutoTokenizer.from_pretrained(source.adapter_dir).save_pretrained(target)
+
+
+def verify(target: Path, source: AdapterSource, options: ExportOptions) -> dict:
+    """Load the export with plain transformers and compare its logits with the 4-bit base plus adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    prompts = verification_prompts(source) or DEFAULT_PROMPTS
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference = PeftModel.from_pretrained(model_lib.load_base_model(source.base, source.quantization, device), source.adapter_dir)
+    exported = AutoModelForCausalLM.from_pretrained(target, dtype=DTYPES[options.dtype], device_map={"": device})
+    report = compare_logits(reference, exported, tokenizer, prompts)
+    report["method"] = options.base_weights
+    within = report["top1_agreement"] >= MIN_TOP1_AGREEMENT and report["relative_logit_error"] <= MAX_RELATIVE_LOGIT_ERROR
+    report["verified"] = within
+    print(f"Verification ({len(prompts)} prompts, {report['tokens']} tokens): top-1 agreement "
+          f"{report['top1_agreement']:.2%}, relative logit error {report['relative_logit_error']:.4f}")
+    if not within and options.base_weights == "dequantized":
+        raise UserError(f"export verification failed: top-1 agreement {report['top1_agreement']:.2%} (need "
+                        f"{MIN_TOP1_AGREEMENT:.0%}), relative logit error {report['relative_logit_error']:.4f} (max "
+                        f"{MAX_RELATIVE_LOGIT_ERROR}); nothing was written to {options.output}")
+    if not within:
+        print("The merge into the original weights drifts from the trained model, as expected; "
+              "the default --base-weights dequantized reproduces it.")
+    return report
+
+
+def _write_model_card(target: Path, source: AdapterSource, options: ExportOptions, report: dict) -> None:
+    recipe = source.recipe
+    lines = [f"# Merged QLoRA fine-tune of {source.base.name_or_path}", "",
+             "Exported by qlora-trainer: plain transformers weights, no PEFT or bitsandbytes needed.", "",
+             f"- base model: `{source.base.name_or_path}`",
+             f"- adapter: `{source.adapter_dir}`",
+             f"- export: {options.dtype}, merged into the "
+             f"{'NF4-dequantized base weights the adapter was trained against' if options.base_weights == 'dequantized' else 'original 16-bit base weights'}"]
+    if recipe is not None:
+        lines += [f"- LoRA: r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, dropout={recipe.lora.dropout:g}, targets {recipe.lora.target_modules}",
+                  f"- quantization during training: {recipe.quantization.quant_type}, double quant {recipe.quantization.double_quant}, compute {recipe.quantization.compute_dtype}",
+                  f"- dataset: `{recipe.data.path}`"]
+    if report.get("tokens"):
+        lines.append(f"- verification: top-1 agreement {report['top1_agreement']:.2%}, relative logit error "
+                     f"{report['relative_logit_error']:.4f} against the 4-bit base + adapter on {report['tokens']} tokens")
+    (target / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (target / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.exists():  # --force: swap, so a failure never leaves neither the old nor the new export
+        old = output.with_name(f".{output.name}.old")
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(output)
