@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -12,11 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from helpers import REPO
-from qlora_trainer.errors import TrainingFailed
-from qlora_trainer.recipe import load_recipe
+from qlora_trainer.data import load_data
+from qlora_trainer.errors import TrainingFailed, UserError
+from qlora_trainer.recipe import DataSection, load_recipe
 from qlora_trainer.run_dir import latest_checkpoint
 from qlora_trainer.train import RunOptions, train
 
@@ -145,3 +150,62 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(recipe_file, t
     if last is not None:  # every kept checkpoint holds finite weights
         weights = load_file(str(last / "adapter_model.safetensors"))
         assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+class RaiseAtStep(TrainerCallback):
+    """Stands in for a failure the CPU cannot produce on demand (CUDA out of memory, a full disk)."""
+
+    def __init__(self, step: int, error: Exception):
+        self.step, self.error = step, error
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise self.error
+
+
+@pytest.mark.parametrize("error, fragments", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     ["CUDA out of memory at step 3", "estimate was", "try "]),
+    (OSError(errno.ENOSPC, "No space left on device"),
+     ["No space left on device", "earlier checkpoints", "--resume"]),
+])
+def test_failures_mid_run_become_one_line_and_keep_checkpoints(recipe_file, tmp_path, monkeypatch, error, fragments):
+    import qlora_trainer.train as train_module
+
+    original = train_module.build_trainer
+
+    def with_failure(*args, callbacks=(), **kwargs):
+        return original(*args, callbacks=(*callbacks, RaiseAtStep(3, error)), **kwargs)
+
+    monkeypatch.setattr(train_module, "build_trainer", with_failure)
+    recipe, _ = load_recipe(str(recipe_file), ["train.save_steps=2"])
+    run = tmp_path / "run"
+    with pytest.raises(TrainingFailed) as info:
+        train(recipe, RunOptions(recipe_name="fail", output_dir=run))
+    message = str(info.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    assert latest_checkpoint(run) == run / "checkpoints" / "checkpoint-2"
+    assert not (run / "summary.json").exists()
+
+
+ROW_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8),
+                       st.lists(st.dictionaries(st.sampled_from(["role", "content", "from", "value"]),
+                                                st.one_of(st.text(max_size=6), st.integers()), max_size=3), max_size=3))
+ROWS = st.lists(st.dictionaries(st.sampled_from(["prompt", "completion", "text", "messages", "instruction", "output",
+                                                 "input", "conversations", "extra"]), ROW_VALUES, max_size=4),
+                min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=ROWS, garbage=st.booleans())
+def test_random_jsonl_rows_are_accepted_or_refused_cleanly(tmp_path, rows, garbage):
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps(row) for row in rows] + (["{not json"] if garbage else [])
+    path.write_text("\n".join(lines) + "\n")
+    section = DataSection(path=str(path))
+    try:
+        data = load_data(section, seed=0)
+    except UserError as err:
+        assert "\n" not in str(err) and str(path) in str(err)
+    else:
+        assert len(data.train) >= 1 and not garbage
