@@ -128,3 +128,23 @@ def test_readme_commands_match_ci():
     ci = (REPO / ".ci" / "run").read_text()
     command = "pip install torch==2.13.0 -e '.[test]' && python -m pytest -q"
     assert command in readme and command in ci
+
+
+def test_a_wheel_carries_the_recipes_and_demo_data(tmp_path):
+    """Installed from a wheel (not editable), `--recipe NAME` must still find the shipped recipes."""
+    import subprocess
+    import sys
+    import zipfile
+
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next(tmp_path.glob("qlora_trainer-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "qlora_trainer/recipes/tiny-demo.yaml" in names and "qlora_trainer/recipes/data/complaints-train.jsonl" in names
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    listed = subprocess.run([sys.executable, "-c", "from qlora_trainer.recipe import shipped_recipes_dir, shipped_recipe_names;"
+                             "print(shipped_recipes_dir()); print(shipped_recipe_names())"],
+                            capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")})
+    assert listed.returncode == 0, listed.stderr
+    assert str(tmp_path / "site" / "qlora_trainer" / "recipes") in listed.stdout and "tiny-demo" in listed.stdout

@@ -202,3 +202,18 @@ def test_vram_grid_covers_the_issue():
     assert len(configs) >= 12
     for key, values in module.GRID.items():
         assert {c[key] for c in configs} == set(values), key
+
+
+def test_a_run_that_would_not_fit_stops_with_the_changes_that_fit():
+    from qlora_trainer.errors import WontFitError
+    from qlora_trainer.memory_report import check_fits
+
+    shape = model_shape(load_architecture("llama-3.1-8b"), "llama-3.1-8b")
+    settings = Settings(rank=64, seq_len=4096, batch_size=4, gradient_checkpointing=False)
+    predicted = estimate(shape, settings)
+    with pytest.raises(WontFitError) as info:
+        check_fits(predicted, shape, free_gib=24.0, force=False)
+    message = str(info.value)
+    assert info.value.exit_code == 3 and "exceeds the 24.0 GiB free" in message
+    assert "--set train.gradient_checkpointing=true" in message and "--force" in message
+    check_fits(predicted, shape, free_gib=24.0, force=True)  # --force lets it run
