@@ -77,7 +77,8 @@ def merge(source: AdapterSource, options: ExportOptions):
     compute = DTYPES[source.quantization.compute_dtype]
     base = AutoModelForCausalLM.from_pretrained(
         model_lib.resolve_model_path(source.base), revision=source.base.revision, dtype=compute,
-        trust_remote_code=source.base.trust_remote_code, device_map={"": "cpu"}, use_safetensors=True)
+        trust_remote_code=source.base.trust_remote_code, device_map={"": "cpu"},
+        use_safetensors=not source.base.allow_pickle_weights)
     adapter = _load_adapter(source.adapter_dir)
     quantized = model_lib.quantized_linear_names(base)
     for name, module in base.named_modules():

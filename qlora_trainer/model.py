@@ -71,9 +71,12 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, device: str
             dtype=DTYPES[quant.compute_dtype],
             attn_implementation=model.attn_implementation,
             device_map=device_map,
-            use_safetensors=True,  # never unpickle weights
+            use_safetensors=not model.allow_pickle_weights,  # unpickling can run code: safetensors unless allowed
         )
     except OSError as err:
+        if "safetensors" in str(err) and not model.allow_pickle_weights:
+            raise UserError(f"model.name_or_path: '{model.name_or_path}' has no safetensors weights; convert them, or set "
+                            "model.allow_pickle_weights: true if you trust the files (unpickling can run code)") from None
         raise UserError(f"model.name_or_path: cannot load '{model.name_or_path}' ({_first_line(err)}); "
                         "check the hub id and network, or pass a local copy with --set model.name_or_path=/path") from None
 

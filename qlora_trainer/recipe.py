@@ -27,6 +27,9 @@ class ModelSection(_Section):
     name_or_path: str = Field(description="Hub id, local directory, or `demo:tiny-llama` (built locally).")
     revision: str | None = Field(None, description="Hub branch, tag or commit to load.")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model repository.")
+    allow_pickle_weights: bool = Field(
+        False, description="Also load pickle (.bin) weights, which can run code when unpickled; safetensors only by default."
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; sdpa avoids the seq_len^2 attention matrix on GPUs."
     )

@@ -61,7 +61,16 @@ def describe_plan(recipe: Recipe, options: RunOptions, device: str) -> str:
         f"{t.lr_scheduler}, {t.optimizer}, checkpointing {'on' if t.gradient_checkpointing else 'off'}",
         f"  device    {device}",
         f"  output    {options.output_dir}",
-    ])
+    ] + [f"  WARNING   {warning}" for warning in _security_warnings(recipe)])
+
+
+def _security_warnings(recipe: Recipe) -> list[str]:
+    warnings = []
+    if recipe.model.trust_remote_code:
+        warnings.append(f"model.trust_remote_code is on: Python code from {recipe.model.name_or_path} will run")
+    if recipe.model.allow_pickle_weights:
+        warnings.append("model.allow_pickle_weights is on: pickle weights can run code when loaded")
+    return warnings
 
 
 def train(recipe: Recipe, options: RunOptions) -> dict | None:

@@ -148,3 +148,26 @@ def test_a_wheel_carries_the_recipes_and_demo_data(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")})
     assert listed.returncode == 0, listed.stderr
     assert str(tmp_path / "site" / "qlora_trainer" / "recipes") in listed.stdout and "tiny-demo" in listed.stdout
+
+
+def test_trusting_remote_code_is_announced(cli, tmp_path):
+    result = cli("--recipe", "llama7b-r8", "--dry-run", "--set", "model.trust_remote_code=true", "--output-dir", str(tmp_path / "r"))
+    assert result.returncode == 0
+    assert "WARNING   model.trust_remote_code is on: Python code from huggyllama/llama-7b will run" in result.stdout
+    plain = cli("--recipe", "llama7b-r8", "--dry-run", "--output-dir", str(tmp_path / "r"))
+    assert "WARNING" not in plain.stdout
+
+
+def test_pickle_weights_are_refused_unless_allowed(cli, tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (pickled / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(str(tiny_model_dir / "model.safetensors")), pickled / "pytorch_model.bin")
+    result = cli("--recipe", "tiny-demo", "--output-dir", str(tmp_path / "run"), "--set", f"model.name_or_path={pickled}")
+    assert result.returncode == 2 and "has no safetensors weights" in result.stderr and "allow_pickle_weights" in result.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
