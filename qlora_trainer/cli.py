@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--base-weights", choices=["dequantized", "original"], default="dequantized",
                      help="merge into the NF4-rounded weights training saw (default, exact) or the original 16-bit ones")
     exp.add_argument("--base", help="base model to merge into (default: the one the run or adapter names)")
-    exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB")
+    exp.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (the merge holds about two in memory)")
     exp.add_argument("--no-verify", action="store_true", help="skip comparing the export's logits with the 4-bit model")
     exp.add_argument("--force", action="store_true", help="replace an existing --output")
 
@@ -95,7 +95,7 @@ def _train(args) -> int:
     from qlora_trainer.train import RunOptions, train
 
     recipe, path = load_recipe(args.recipe, args.overrides)
-    name = path.stem
+    name = path.parent.name if path.name == "recipe.yaml" else path.stem  # a run's saved recipe: name it after the run
     if args.resume and args.output_dir is None:
         raise UserError("--resume needs --output-dir: the run directory to continue")
     options = RunOptions(recipe_name=name, output_dir=args.output_dir or default_run_dir(name),
@@ -112,6 +112,8 @@ def _estimate(args) -> int:
     from qlora_trainer.memory import Settings, estimate
     from qlora_trainer.recipe import load_recipe
 
+    if args.overrides and not args.recipe:
+        raise UserError("--set needs --recipe; with --model use --rank, --seq-len, --batch-size, --optimizer")
     if args.table:
         print("Trainable share of all parameters, LoRA on all linear layers (exact per architecture)")
         print(report.rank_table())

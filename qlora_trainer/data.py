@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_trainer.chat_templates import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
-from qlora_trainer.errors import UserError
+from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.recipe import DataSection
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
@@ -167,7 +167,7 @@ def _read_with_datasets(path: Path, kind: str) -> list[tuple[str, dict | None, s
     try:
         table = load_dataset(kind, data_files=[str(path)], split="train")
     except Exception as err:  # pyarrow and datasets raise many parse errors; all mean "this file is malformed"
-        raise UserError(f"{path}: cannot parse as {kind} ({_first_line(err)})") from None
+        raise UserError(f"{path}: cannot parse as {kind} ({first_line(err)})") from None
     return [(f"{path} row {i + 1}", row, None) for i, row in enumerate(table)]
 
 
@@ -178,7 +178,7 @@ def _read_hub(value: str, section: DataSection, key: str) -> _Rows:
     try:
         table = load_dataset(value, section.config, split=split)
     except Exception as err:  # datasets raises many types (network, missing config, bad split); all mean "cannot load"
-        raise UserError(f"data.{key}: cannot load hub dataset '{value}' ({_first_line(err)}); "
+        raise UserError(f"data.{key}: cannot load hub dataset '{value}' ({first_line(err)}); "
                         "check the id, data.config and data.split, or point data.path at a local file") from None
     if len(table) == 0:
         raise UserError(f"data.{key}: hub dataset '{value}' split {split} has no rows")
@@ -199,14 +199,6 @@ def _rename(item, columns: dict[str, str]):
 
 def _columns(raw: _Rows) -> list[str]:
     return list(dict.fromkeys(k for _, row, _ in raw.rows if row for k in row))
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-# ---------------------------------------------------------------- formats and row checks
 
 
 def detect_format(columns: list[str], requested: str, source: str) -> str:

@@ -31,3 +31,9 @@ class Interrupted(TrainingFailed):
     """SIGINT/SIGTERM: a checkpoint was saved and the message gives the resume command. Exit code 130."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def first_line(err: Exception) -> str:
+    """The first line of an exception's message (or its type), for one-line error messages."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

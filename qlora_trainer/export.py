@@ -3,9 +3,9 @@
 By default each 4-bit-trained weight is first rounded through NF4 exactly as training saw it (same quant type,
 block size and double quantization), then the LoRA delta is added. The adapter learned to correct *that*
 weight, not the original 16-bit one, so merging into the original weights gives a different model
-(`--base-weights original` does it anyway and reports the drift). Works layer by layer on CPU, replacing each
-weight as it goes: measured peak RSS 2.4 GiB for Qwen2.5-0.5B (0.92 GiB in bf16; 0.43 GiB of it is Python and
-the libraries), 3.3 GiB with verification (benchmarks/export/rss.json, tools/measure_export_rss.py).
+(`--base-weights original` does it anyway and reports the drift). The merge streams the base checkpoint one
+tensor at a time into output shards, so memory holds about two shards, not the model (measured in
+benchmarks/export/rss.json by tools/measure_export_rss.py).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class ExportOptions:
     dtype: str = "float16"
     base_weights: str = "dequantized"  # or "original"
     base: str | None = None
-    max_shard_size: str = "5GB"
+    max_shard_size: str = "2GB"  # the streaming merge holds about two shards in memory
     verify: bool = True
     force: bool = False
 
@@ -50,17 +50,20 @@ def export(options: ExportOptions) -> dict:
     """Merge, write to a temporary directory, verify, then move into place. Returns the verification report."""
     if options.output.exists() and not options.force:
         raise UserError(f"--output {options.output} already exists; choose another directory or add --force to replace it")
+    if options.output.resolve() in (options.source.resolve(), *options.source.resolve().parents):
+        raise UserError(f"--output {options.output} would replace the run or adapter it exports; choose another directory")
+    _shard_bytes(options.max_shard_size)  # a bad size is bad input, found before any work
+    options.output.parent.mkdir(parents=True, exist_ok=True)  # stage beside the output: the final rename stays on one disk
     source = find_adapter(options.source, options.base)
     config = model_lib.load_config(source.base)
     check_adapter_matches(source.adapter_dir, config, source.base.name_or_path)
     print(f"Merging {source.adapter_dir} into {source.base.name_or_path} "
           f"({'NF4-dequantized' if options.base_weights == 'dequantized' else 'original 16-bit'} base weights) -> {options.dtype}")
 
-    staging = Path(tempfile.mkdtemp(dir=options.output.parent if options.output.parent.exists() else None,
-                                    prefix=f".{options.output.name}.tmp-"))
+    staging = Path(tempfile.mkdtemp(dir=options.output.parent, prefix=f".{options.output.name}.tmp-"))
     try:
-        merged = merge(source, options)
-        write_export(merged, source, staging, options)
+        if not merge_streaming(source, options, config, staging):
+            write_export(merge(source, options), source, staging, options)
         report = verify(staging, source, options) if options.verify else {"verified": False}
         _write_model_card(staging, source, options, report)
         _move_into_place(staging, options.output)
@@ -68,6 +71,123 @@ def export(options: ExportOptions) -> dict:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left looking like an export
         raise
     return report
+
+
+def merge_streaming(source: AdapterSource, options: ExportOptions, config, target: Path) -> bool:
+    """Read the base checkpoint one tensor at a time, merge, and write output shards as they fill: memory holds
+    one shard, not the model. Returns False (having written nothing) when the checkpoint's tensor names are not
+    the model's own, which transformers renames on load; `merge` handles those in memory."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    files = _base_weight_files(source)
+    with torch.device("meta"):
+        names = AutoModelForCausalLM.from_config(config)
+    expected, quantized = set(names.state_dict()), model_lib.quantized_linear_names(names)
+    keys = []
+    for path in files:
+        with safe_open(str(path), "pt") as handle:
+            keys += list(handle.keys())
+    if not keys or any(k not in expected for k in keys):
+        print("The base checkpoint's tensor names differ from the model's; merging in memory instead.")
+        return False
+    adapter = _load_adapter(source.adapter_dir)
+    missing = sorted(m for m in adapter.layers if f"{m}.weight" not in keys)
+    if missing:
+        raise UserError(f"the base checkpoint has no weight for adapted layer {missing[0]}; pass the base it was trained on with --base")
+    writer = ShardWriter(target, _shard_bytes(options.max_shard_size))
+    for path in files:
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key).to(DTYPES[source.quantization.compute_dtype])  # as training loaded it
+                module = key.removesuffix(".weight")
+                if key.endswith(".weight") and module in quantized and options.base_weights == "dequantized":
+                    tensor = nf4_round_trip(tensor, source.quantization)
+                if key.endswith(".weight") and module in adapter.layers:
+                    tensor = adapter.merge_into(module, tensor)
+                writer.add(key, tensor.to(DTYPES[options.dtype]))
+    writer.close()
+    _write_configs(config, source, target, options)
+    return True
+
+
+class ShardWriter:
+    """Collect tensors into safetensors shards of at most `max_bytes`, named and indexed as transformers expects."""
+
+    def __init__(self, target: Path, max_bytes: int):
+        self.target, self.max_bytes = target, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.target / f".shard-{len(self.written) + 1}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        total = len(self.written)
+        if total == 1:
+            self.written[0][0].rename(self.target / "model.safetensors")
+            return
+        weight_map, size = {}, 0
+        for number, (path, keys) in enumerate(self.written, start=1):
+            name = f"model-{number:05d}-of-{total:05d}.safetensors"
+            path.rename(self.target / name)
+            size += (self.target / name).stat().st_size
+            weight_map.update({key: name for key in keys})
+        index = {"metadata": {"total_size": size}, "weight_map": weight_map}
+        (self.target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _shard_bytes(text: str) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(text)
+    except ValueError:
+        raise UserError(f"--max-shard-size {text}: expected a size such as 2GB or 500MB") from None
+
+
+def _base_weight_files(source: AdapterSource) -> list[Path]:
+    """The base's safetensors files: in its directory, or from the hub cache (downloading if needed)."""
+    path = Path(model_lib.resolve_model_path(source.base))
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(str(path), revision=source.base.revision, allow_patterns=["*.safetensors", "*.json"]))
+        except Exception as err:  # hub errors have many types; all mean the weights cannot be fetched
+            raise UserError(f"cannot fetch the weights of '{source.base.name_or_path}' ({err}); pass a local copy with --base") from None
+    return sorted(path.glob("*.safetensors"))
+
+
+def _write_configs(config, source: AdapterSource, target: Path, options: ExportOptions) -> None:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    config = config.__class__.from_dict(config.to_dict())
+    config.dtype = options.dtype
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(target)
+    try:
+        generation = GenerationConfig.from_pretrained(model_lib.resolve_model_path(source.base), revision=source.base.revision)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source.adapter_dir).save_pretrained(target)
 
 
 def merge(source: AdapterSource, options: ExportOptions):

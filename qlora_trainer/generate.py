@@ -55,5 +55,5 @@ def generate(model, tokenizer, text: str, options: GenerateOptions) -> str:
     sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p} if options.temperature > 0 else {"do_sample": False}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if options.stream else None
     output = model.generate(**inputs, max_new_tokens=options.max_new_tokens, streamer=streamer,
-                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+                            pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

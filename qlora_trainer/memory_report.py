@@ -78,11 +78,11 @@ def fit(shape: ModelShape, settings: Settings, gpu_memory_gib: float, global_bat
     """The longest sequence (up to the requested one) and then the largest micro-batch that fit, with the
     accumulation that keeps the global batch."""
     limit = gpu_memory_gib * GIB
-    seq = settings.seq_len
-    while seq >= 128 and estimate(shape, dataclasses.replace(settings, seq_len=seq, batch_size=1)).total > limit:
+    seq, shortest = settings.seq_len, min(128, settings.seq_len)
+    while seq >= shortest and estimate(shape, dataclasses.replace(settings, seq_len=seq, batch_size=1)).total > limit:
         seq //= 2
-    if seq < 128:
-        return {"fits": False, "reason": "even seq_len 128 with micro-batch 1 does not fit"}
+    if seq < shortest:
+        return {"fits": False, "reason": f"even seq_len {shortest} with micro-batch 1 does not fit"}
     batch = 1
     while batch * 2 <= global_batch and estimate(shape, dataclasses.replace(settings, seq_len=seq, batch_size=batch * 2)).total <= limit:
         batch *= 2
@@ -120,7 +120,8 @@ def fixes_that_fit(shape: ModelShape, settings: Settings, limit_gib: float) -> l
 
 
 def check_fits(est: Estimate, shape: ModelShape, free_gib: float, force: bool) -> None:
-    if est.total / GIB <= free_gib or force:
+    """`free_gib` is read after the CUDA context exists, so the context is not counted twice."""
+    if (est.total - est.breakdown["cuda_context"]) / GIB <= free_gib or force:
         return
     fixes = fixes_that_fit(shape, est.settings, free_gib)
     hint = "; try " + ", or ".join(fixes) if fixes else "; use a smaller model or a larger GPU"

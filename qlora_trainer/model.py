@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from qlora_trainer.demo_model import demo_model_path, is_demo_model
-from qlora_trainer.errors import UserError
+from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.recipe import LoraSection, ModelSection, QuantizationSection
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -36,7 +36,7 @@ def load_config(section: ModelSection):
     try:
         return AutoConfig.from_pretrained(path, revision=section.revision, trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"model.name_or_path: cannot read the config of '{section.name_or_path}' ({_first_line(err)}); "
+        raise UserError(f"model.name_or_path: cannot read the config of '{section.name_or_path}' ({first_line(err)}); "
                         "check the hub id and network, or pass a local copy with --set model.name_or_path=/path") from None
 
 
@@ -77,7 +77,7 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, device: str
         if "safetensors" in str(err) and not model.allow_pickle_weights:
             raise UserError(f"model.name_or_path: '{model.name_or_path}' has no safetensors weights; convert them, or set "
                             "model.allow_pickle_weights: true if you trust the files (unpickling can run code)") from None
-        raise UserError(f"model.name_or_path: cannot load '{model.name_or_path}' ({_first_line(err)}); "
+        raise UserError(f"model.name_or_path: cannot load '{model.name_or_path}' ({first_line(err)}); "
                         "check the hub id and network, or pass a local copy with --set model.name_or_path=/path") from None
 
 
@@ -88,7 +88,7 @@ def load_tokenizer(model: ModelSection):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"model.name_or_path: cannot load the tokenizer of '{model.name_or_path}' ({_first_line(err)})") from None
+        raise UserError(f"model.name_or_path: cannot load the tokenizer of '{model.name_or_path}' ({first_line(err)})") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing EOS as padding is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -148,8 +148,3 @@ def frozen_dtypes(model) -> dict[str, str]:
     """Dtype of each frozen, non-4-bit parameter (embeddings, lm_head, norms), for the run summary and tests."""
     return {name: str(param.dtype).removeprefix("torch.") for name, param in model.named_parameters()
             if not param.requires_grad and param.dtype != torch.uint8}
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -6,6 +6,9 @@ The libraries do the work; this module only wires them together and records what
 
 from __future__ import annotations
 
+import json
+import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,7 @@ from transformers import TrainerCallback
 from qlora_trainer import model as model_lib
 from qlora_trainer.data import check_data_path, load_data
 from qlora_trainer.sequence_fit import describe_data, fit_to_tokenizer
-from qlora_trainer.errors import Interrupted, TrainingFailed, UserError, WontFitError
+from qlora_trainer.errors import Interrupted, TrainingFailed, UserError, WontFitError, first_line
 from qlora_trainer.exact_match import exact_match_accuracy
 from qlora_trainer.memory import estimate
 from qlora_trainer.memory_report import check_fits, fixes_that_fit, format_estimate, settings_from_recipe, shape_for_model
@@ -91,8 +94,8 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
         check_fits(predicted, shape, gpu_free_gib, options.force)
 
     data = load_data(recipe.data, recipe.train.seed)  # before the run directory: bad data leaves nothing behind
-    if recipe.eval.exact_match and data.format != "prompt_completion":
-        raise UserError(f"eval.exact_match needs prompt/completion rows; {data.source} is {data.format}")
+    if recipe.eval.exact_match and not isinstance(data.eval[0].get("prompt"), str):
+        raise UserError(f"eval.exact_match needs text prompt/completion rows (or alpaca); {data.source} is {data.format}")
     tokenizer = model_lib.load_tokenizer(recipe.model)
     data = fit_to_tokenizer(data, recipe.data, tokenizer, recipe.train.seq_len, recipe.model.name_or_path)
     print(describe_data(data), flush=True)
@@ -100,9 +103,16 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
     context_bytes = _cuda_context_bytes() if device == "cuda" else None
 
     torch.manual_seed(recipe.train.seed)
-    base = model_lib.load_base_model(recipe.model, recipe.quantization, device)
     guards = (StopOnSignal(), StopOnNonFinite())
-    trainer = build_trainer(recipe, base, tokenizer, data, run, device, callbacks=guards)
+    try:
+        base = model_lib.load_base_model(recipe.model, recipe.quantization, device)
+        trainer = build_trainer(recipe, base, tokenizer, data, run, device, callbacks=guards)
+    except (UserError, ImportError) as err:
+        if not options.resume:  # a run that never started leaves no directory that would need --resume
+            shutil.rmtree(run, ignore_errors=True)
+        if isinstance(err, ImportError):
+            raise UserError(f"{first_line(err)}; install the missing package or change model.attn_implementation") from None
+        raise
     report = model_lib.parameter_report(trainer.model)
     print(model_lib.format_parameter_report(report), flush=True)
 
@@ -146,15 +156,9 @@ def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted,
                              f"training stopped; last good checkpoint: {last or 'none'}; try a lower train.learning_rate "
                              "or train.max_grad_norm, then start again or --resume")
     if stop_signal.received is not None:
-        raise Interrupted(f"stopped by {signal_name(stop_signal.received)} at step {trainer.state.global_step}; checkpoint "
+        raise Interrupted(f"stopped by {signal.Signals(stop_signal.received).name} at step {trainer.state.global_step}; checkpoint "
                           f"saved in {run / CHECKPOINTS}; continue with: {resume}")
     return result
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
 
 
 def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict) -> tuple[Path, Path | None]:
@@ -165,6 +169,10 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict) -> t
         print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")
     write_text_atomic(run / "recipe.yaml", f"# python -m qlora_trainer --recipe {run / 'recipe.yaml'}\n" + dump_recipe(recipe))
     write_json_atomic(run / "estimate.json", estimate_json)
+    if options.resume:  # the steps after the checkpoint will be logged again: drop their first rows
+        resumed_at = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+        kept = [r for r in read_metrics(run / "metrics.jsonl") if r["step"] <= resumed_at]
+        write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     return run, checkpoint
 
 

@@ -103,6 +103,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(recipe_file, uninte
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == sorted(set(steps)), "steps replayed after the resume are logged once"
     assert_same_adapter(uninterrupted, run)
 
 

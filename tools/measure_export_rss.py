@@ -38,9 +38,10 @@ def random_adapter(base_dir: Path, target: Path, rank: int) -> None:
             shutil.copy(path, target / path.name)
 
 
-def run_export(adapter: Path, base: Path, output: Path, verify: bool) -> dict:
+def run_export(adapter: Path, base: Path, output: Path, verify: bool, shard: str) -> dict:
     shutil.rmtree(output, ignore_errors=True)
-    cmd = [sys.executable, "-m", "qlora_trainer", "export", str(adapter), "--base", str(base), "--output", str(output)]
+    cmd = [sys.executable, "-m", "qlora_trainer", "export", str(adapter), "--base", str(base), "--output", str(output),
+           "--max-shard-size", shard]
     started = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result = subprocess.run(cmd + ([] if verify else ["--no-verify"]), capture_output=True, text=True, cwd=REPO)
@@ -50,7 +51,7 @@ def run_export(adapter: Path, base: Path, output: Path, verify: bool) -> dict:
     if peak_kib <= before:
         raise SystemExit("this run did not raise the children's peak RSS; run each measurement in a fresh process")
     report = json.loads((output / "export.json").read_text())
-    return {"verify": verify, "peak_rss_gib": round(peak_kib / 2**20, 3), "seconds": round(time.perf_counter() - started, 1),
+    return {"verify": verify, "max_shard_size": shard, "peak_rss_gib": round(peak_kib / 2**20, 3), "seconds": round(time.perf_counter() - started, 1),
             "output_gib": round(sum(p.stat().st_size for p in output.glob("*.safetensors")) / 2**30, 3),
             "verification": report if verify else None}
 
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-export-rss"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "export" / "rss.json")
     parser.add_argument("--verify", action="store_true", help="measure the export with verification instead")
+    parser.add_argument("--max-shard-size", default="2GB")
     args = parser.parse_args()
     from measure_vram import build_weights
 
@@ -75,10 +77,11 @@ def main() -> None:
                              capture_output=True, text=True, cwd=REPO)
     result = {"arch": args.arch, "python_and_libraries_rss_gib": round(int(imports.stderr.strip().splitlines()[-1]) / 2**20, 3), "rank": args.rank, "machine": "CPU (2 cores, 24 GiB), torch 2.13 CPU",
               "base_bf16_gib": round(sum(p.stat().st_size for p in base.glob("*.safetensors")) / 2**30, 3),
-              "vocab_size": params["vocab_size"], **run_export(adapter, base, args.workdir / "merged", args.verify)}
+              "vocab_size": params["vocab_size"], **run_export(adapter, base, args.workdir / "merged", args.verify, args.max_shard_size)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else []
-    args.out.write_text(json.dumps([r for r in previous if r.get("verify") != result["verify"]] + [result], indent=2) + "\n")
+    same = lambda r: (r.get("verify"), r.get("max_shard_size")) == (result["verify"], result["max_shard_size"])
+    args.out.write_text(json.dumps([r for r in previous if not same(r)] + [result], indent=2) + "\n")
     print(json.dumps(result))
 
 
