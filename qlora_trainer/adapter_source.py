@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_trainer.errors import UserError
-from qlora_trainer.recipe import ModelSection, QuantizationSection, Recipe, validate
+from qlora_trainer.recipe import ModelSection, QuantizationSection, Recipe
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -24,15 +24,14 @@ class AdapterSource:
 
 def find_adapter(path: Path, base_override: str | None = None) -> AdapterSource:
     """Accept RUN_DIR (recipe.yaml + adapter/) or ADAPTER_DIR (adapter_config.json + weights)."""
-    import yaml
+    from qlora_trainer.recipe import load_recipe
 
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a run directory or an adapter directory")
     recipe = None
     adapter_dir = path
     if (path / "recipe.yaml").is_file():
-        raw = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
-        recipe = validate(raw, source=str(path / "recipe.yaml"))
+        recipe, _ = load_recipe(str(path / "recipe.yaml"))  # one-line errors for a damaged file, as for any recipe
         adapter_dir = path / "adapter"
     missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
     if missing:
@@ -52,6 +51,25 @@ def find_adapter(path: Path, base_override: str | None = None) -> AdapterSource:
     return AdapterSource(adapter_dir, base, quantization, recipe, data_format)
 
 
+def load_adapter_tokenizer(source: AdapterSource):
+    """The tokenizer saved with the adapter (with the chat template training used), else the base model's."""
+    from transformers import AutoTokenizer
+
+    from qlora_trainer.model import load_tokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.adapter_dir)
+    except (OSError, ValueError):
+        print(f"{source.adapter_dir} holds no tokenizer; using the base model's", flush=True)
+        return load_tokenizer(source.base)
+
+
+def lora_module(key: str, part: str) -> str | None:
+    """The base module a PEFT adapter tensor belongs to (`base_model.model.X.lora_A.weight` -> `X`), or None."""
+    marker = f".{part}."
+    return key.split(marker)[0].removeprefix("base_model.model.") if marker in key else None
+
+
 def is_merged_model(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file() and not (path / "recipe.yaml").is_file()
 
@@ -64,9 +82,8 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[list[int], list[int]]]:
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as handle:
         for key in handle.keys():
             for part in ("lora_A", "lora_B"):
-                marker = f".{part}."
-                if marker in key:
-                    module = key.split(marker)[0].removeprefix("base_model.model.")
+                module = lora_module(key, part)
+                if module is not None:
                     shapes.setdefault(module, {})[part] = handle.get_slice(key).get_shape()
     return {m: (s["lora_A"], s["lora_B"]) for m, s in shapes.items() if "lora_A" in s and "lora_B" in s}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from qlora_trainer import model as model_lib
-from qlora_trainer.adapter_source import check_adapter_matches, find_adapter
+from qlora_trainer.adapter_source import check_adapter_matches, find_adapter, load_adapter_tokenizer
 from qlora_trainer.errors import UserError
 from qlora_trainer.generate import GenerateOptions, format_prompt, generate
 from qlora_trainer.recipe import ModelSection, QuantizationSection
@@ -31,7 +31,7 @@ class AdapterSet:
     def __init__(self, base: str, quantization: QuantizationSection | None = None, device: str | None = None):
         self.base_section = ModelSection(name_or_path=base)
         self.quantization = quantization or QuantizationSection()
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or model_lib.default_device()
         self.config = model_lib.load_config(self.base_section)
         self.base = model_lib.load_base_model(self.base_section, self.quantization, self.device)
         self.model = None  # the PeftModel, created with the first adapter
@@ -49,7 +49,6 @@ class AdapterSet:
     def add(self, name: str, path: str | Path) -> None:
         """Attach an adapter under `name`; refuses one trained on another base before loading it."""
         from peft import PeftModel
-        from transformers import AutoTokenizer
 
         if name in self.tokenizers:
             raise UserError(f"adapter name '{name}' is already used; pick another name")
@@ -59,7 +58,7 @@ class AdapterSet:
             self.model = PeftModel.from_pretrained(self.base, source.adapter_dir, adapter_name=name)
         else:
             self.model.load_adapter(source.adapter_dir, adapter_name=name)
-        self.tokenizers[name] = AutoTokenizer.from_pretrained(source.adapter_dir)
+        self.tokenizers[name] = load_adapter_tokenizer(source)
         self.formats[name] = source.data_format
         self.use(name)
 

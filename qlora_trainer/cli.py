@@ -170,10 +170,15 @@ def _export(args) -> int:
 def _generate(args) -> int:
     from qlora_trainer.generate import GenerateOptions, format_prompt, generate, load_for_inference
 
+    if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
+        raise UserError("--max-new-tokens must be positive, --top-p in (0, 1], --temperature 0 or more")
     if args.file is not None and not args.file.is_file():
         raise UserError(f"--file {args.file} does not exist")
-    prompts = [args.prompt] if args.prompt is not None else [
-        line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        prompts = [args.prompt] if args.prompt is not None else [
+            line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"--file {args.file} is not UTF-8 text; save it as UTF-8") from None
     model, tokenizer, data_format = load_for_inference(args.source, args.base)
     options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     for prompt in prompts:

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from qlora_trainer import model as model_lib
-from qlora_trainer.adapter_source import AdapterSource, check_adapter_matches, find_adapter
+from qlora_trainer.adapter_source import (
+    AdapterSource, check_adapter_matches, find_adapter, load_adapter_tokenizer, lora_module,
+)
 from qlora_trainer.errors import UserError
 from qlora_trainer.export_verify import DEFAULT_PROMPTS, compare_logits, verification_prompts
 from qlora_trainer.model import DTYPES
@@ -175,7 +177,7 @@ def _base_weight_files(source: AdapterSource) -> list[Path]:
 
 
 def _write_configs(config, source: AdapterSource, target: Path, options: ExportOptions) -> None:
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     config = config.__class__.from_dict(config.to_dict())
     config.dtype = options.dtype
@@ -187,7 +189,7 @@ def _write_configs(config, source: AdapterSource, target: Path, options: ExportO
     except OSError:
         generation = GenerationConfig.from_model_config(config)
     generation.save_pretrained(target)
-    AutoTokenizer.from_pretrained(source.adapter_dir).save_pretrained(target)
+    load_adapter_tokenizer(source).save_pretrained(target)
 
 
 def merge(source: AdapterSource, options: ExportOptions):
@@ -250,8 +252,8 @@ def _load_adapter(adapter_dir: Path) -> _Adapter:
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     layers = {}
     for key in tensors:
-        if ".lora_A." in key:
-            module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        module = lora_module(key, "lora_A")
+        if module is not None:
             prefix = key.split(".lora_A.")[0]
             magnitude = tensors.get(f"{prefix}.lora_magnitude_vector")
             if magnitude is None:
@@ -261,13 +263,11 @@ def _load_adapter(adapter_dir: Path) -> _Adapter:
 
 
 def write_export(model, source: AdapterSource, target: Path, options: ExportOptions) -> None:
-    from transformers import AutoTokenizer
-
     model.config.dtype = options.dtype
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(target, safe_serialization=True, max_shard_size=options.max_shard_size)
-    AutoTokenizer.from_pretrained(source.adapter_dir).save_pretrained(target)
+    load_adapter_tokenizer(source).save_pretrained(target)
 
 
 def verify(target: Path, source: AdapterSource, options: ExportOptions) -> dict:
@@ -278,7 +278,7 @@ def verify(target: Path, source: AdapterSource, options: ExportOptions) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(target)
     prompts = verification_prompts(source) or DEFAULT_PROMPTS
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = model_lib.default_device()
     reference = exact_reference(PeftModel.from_pretrained(
         model_lib.load_base_model(source.base, source.quantization, device), source.adapter_dir))
     exported = AutoModelForCausalLM.from_pretrained(target, dtype=DTYPES[options.dtype], device_map={"": device})

@@ -19,11 +19,15 @@ def verification_prompts(source) -> list[str]:
     if recipe is None or not recipe.data.eval_path:
         return []
     from qlora_trainer.data import load_data
+    from qlora_trainer.errors import UserError
 
-    data = load_data(recipe.data, recipe.train.seed)
+    try:
+        data = load_data(recipe.data, recipe.train.seed)
+    except UserError:  # the training data need not be on the machine that exports
+        return []
     rows = data.eval.select(range(min(MAX_PROMPTS, len(data.eval))))
     column = next((c for c in ("prompt", "text") if c in rows.column_names), None)
-    return [row[column] for row in rows] if column else []
+    return [row[column] for row in rows if isinstance(row[column], str)] if column else []
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from qlora_trainer import model as model_lib
-from qlora_trainer.adapter_source import check_adapter_matches, find_adapter, is_merged_model
+from qlora_trainer.adapter_source import check_adapter_matches, find_adapter, is_merged_model, load_adapter_tokenizer
 from qlora_trainer.chat_templates import ALPACA_PROMPT
 
 
@@ -24,7 +24,7 @@ def load_for_inference(path: Path, base: str | None = None):
     """(model, tokenizer, data_format) from a run directory, an adapter directory or a merged export."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = model_lib.default_device()
     if is_merged_model(path):
         model = AutoModelForCausalLM.from_pretrained(path, device_map={"": device}, use_safetensors=True)
         return model, AutoTokenizer.from_pretrained(path), None
@@ -34,7 +34,7 @@ def load_for_inference(path: Path, base: str | None = None):
     check_adapter_matches(source.adapter_dir, model_lib.load_config(source.base), source.base.name_or_path)
     base_model = model_lib.load_base_model(source.base, source.quantization, device)
     model = PeftModel.from_pretrained(base_model, source.adapter_dir)
-    return model, AutoTokenizer.from_pretrained(source.adapter_dir), source.data_format
+    return model, load_adapter_tokenizer(source), source.data_format
 
 
 def format_prompt(prompt: str, data_format: str | None, tokenizer) -> str:

@@ -17,22 +17,31 @@ TABLE_MODELS = ("llama-2-7b", "mistral-7b", "llama-3.1-8b", "qwen2.5-7b", "llama
 
 def shape_for_model(name_or_path: str, trust_remote_code: bool = False) -> ModelShape:
     """A model's shape from a known architecture (offline), a local directory or config.json, or the hub."""
+    known = architecture_for(name_or_path)
+    if known:
+        return model_shape(load_architecture(known), known)
+    return _supported_shape(_read_config(name_or_path, trust_remote_code), name_or_path)
+
+
+def _supported_shape(config, name: str) -> ModelShape:
+    try:
+        return model_shape(config, name)
+    except (AttributeError, ValueError, KeyError) as err:  # configs without the decoder fields the estimator reads
+        raise UserError(f"the estimator cannot read the architecture of '{name}' ({err}); it supports decoder "
+                        "models with Llama-style configs (hidden_size, intermediate_size, num_attention_heads)") from None
+
+
+def _read_config(name_or_path: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     from qlora_trainer.demo_model import demo_model_path, is_demo_model
 
-    known = architecture_for(name_or_path)
-    if known:
-        return model_shape(load_architecture(known), known)
     path = demo_model_path(name_or_path) if is_demo_model(name_or_path) else Path(name_or_path).expanduser()
-    if path.is_file() and path.name.endswith(".json"):
-        path = path.parent
     try:
-        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         raise UserError(f"cannot read a config for '{name_or_path}': pass a local model directory or config.json, "
                         f"or a known architecture ({', '.join(known_architectures())})") from None
-    return model_shape(config, name_or_path)
 
 
 def shape_for_size(size: str) -> ModelShape:

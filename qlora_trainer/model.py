@@ -13,6 +13,10 @@ from qlora_trainer.recipe import LoraSection, ModelSection, QuantizationSection
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_model_path(section: ModelSection) -> str:
     """A local directory, a hub id, or the cached directory of a built demo model."""
     name = section.name_or_path

@@ -82,7 +82,8 @@ class StopOnNonFinite(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
+        # One host sync per step rather than one per tensor.
+        if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all().item():
             self.bad_step = state.global_step + 1
             for p in model.parameters():
                 p.grad = None  # optimizers skip parameters without gradients: the weights stay as they were

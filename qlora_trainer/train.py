@@ -39,7 +39,7 @@ class RunOptions:
 
 
 def pick_device(recipe: Recipe) -> str:
-    return "cuda" if torch.cuda.is_available() and recipe.train.device != "cpu" else "cpu"
+    return "cpu" if recipe.train.device == "cpu" else model_lib.default_device()
 
 
 def check_device(recipe: Recipe, device: str, force: bool) -> None:
@@ -133,6 +133,24 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
     return summary
 
 
+# A resumed run may change how long it trains, not what it trains: these sections must match the saved recipe.
+FIXED_ON_RESUME = ("model", "quantization", "lora", "data")
+
+
+def _check_same_run(recipe: Recipe, saved_path: Path) -> None:
+    import yaml
+
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    current = recipe.model_dump(mode="json")
+    for section in FIXED_ON_RESUME:
+        for key, value in current[section].items():
+            if key in saved.get(section, {}) and saved[section][key] != value:
+                raise UserError(f"--resume: {section}.{key} is {value!r} but the run used {saved[section][key]!r}; "
+                                f"resume with the run's own recipe: --recipe {saved_path}")
+
+
 def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted, shape):
     """trainer.train(), with every way it can stop early turned into one line that says what was kept."""
     stop_signal, stop_nonfinite = guards
@@ -164,6 +182,8 @@ def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted,
 def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict) -> tuple[Path, Path | None]:
     """Create the run directory with the resolved recipe and the estimate; find the checkpoint to resume."""
     run = prepare_run_dir(options.output_dir, options.resume)
+    if options.resume:
+        _check_same_run(recipe, run / "recipe.yaml")
     checkpoint = latest_checkpoint(run) if options.resume else None
     if options.resume and checkpoint is None:
         print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")

@@ -211,3 +211,16 @@ def test_random_jsonl_rows_are_accepted_or_refused_cleanly(tmp_path, rows, garba
         assert "\n" not in str(err) and str(path) in str(err)
     else:
         assert len(data.train) >= 1 and not garbage
+
+
+def test_resume_refuses_a_different_lora(recipe_file, uninterrupted, tmp_path, capsys):
+    import shutil
+
+    from qlora_trainer.cli import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run)
+    (run / "summary.json").unlink()
+    code = main(["--recipe", str(recipe_file), "--output-dir", str(run), "--resume", "--set", "lora.r=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resume: lora.r is 4 but the run used 8" in err and "Traceback" not in err
