@@ -153,17 +153,12 @@ def _estimate(args) -> int:
 
 
 def _export(args) -> int:
-    from qlora_trainer.adapter_source import find_adapter
     from qlora_trainer.export import ExportOptions, export
 
-    dtype = args.dtype
-    if dtype is None:
-        source = find_adapter(args.source, args.base)
-        dtype = source.recipe.export.dtype if source.recipe else "float16"
-    options = ExportOptions(source=args.source, output=args.output, dtype=dtype, base_weights=args.base_weights,
+    options = ExportOptions(source=args.source, output=args.output, dtype=args.dtype, base_weights=args.base_weights,
                             base=args.base, max_shard_size=args.max_shard_size, verify=not args.no_verify, force=args.force)
     export(options)
-    print(f"Exported to {args.output} ({dtype}); load it with AutoModelForCausalLM.from_pretrained('{args.output}')")
+    print(f"Exported to {args.output} ({options.dtype}); load it with AutoModelForCausalLM.from_pretrained('{args.output}')")
     return EXIT_OK
 
 

@@ -40,7 +40,7 @@ MAX_RELATIVE_LOGIT_ERROR = 0.05
 class ExportOptions:
     source: Path
     output: Path
-    dtype: str = "float16"
+    dtype: str | None = None  # default: the run's export.dtype, else float16
     base_weights: str = "dequantized"  # or "original"
     base: str | None = None
     max_shard_size: str = "2GB"  # the streaming merge holds about two shards in memory
@@ -57,6 +57,8 @@ def export(options: ExportOptions) -> dict:
     _shard_bytes(options.max_shard_size)  # a bad size is bad input, found before any work
     options.output.parent.mkdir(parents=True, exist_ok=True)  # stage beside the output: the final rename stays on one disk
     source = find_adapter(options.source, options.base)
+    if options.dtype is None:
+        options.dtype = source.recipe.export.dtype if source.recipe else "float16"
     config = model_lib.load_config(source.base)
     check_adapter_matches(source.adapter_dir, config, source.base.name_or_path)
     print(f"Merging {source.adapter_dir} into {source.base.name_or_path} "

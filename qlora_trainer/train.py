@@ -122,15 +122,24 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
     runtime = time.perf_counter() - started
     after = _exact_match(recipe, trainer, tokenizer, data, "after training")
 
-    trainer.model.save_pretrained(run / "adapter", safe_serialization=True)
-    tokenizer.save_pretrained(run / "adapter")
-    rows = _metrics_with_final_eval(trainer, data, run / "metrics.jsonl")
-    plot_loss(rows, run / "loss.png", f"{options.recipe_name}: {recipe.model.name_or_path}")
-    summary = _summary(recipe, options, trainer, result, runtime, rows, report, before, after,
-                       _peak_memory(predicted, context_bytes), data)
-    write_json_atomic(run / SUMMARY, summary)  # last: its presence marks the run complete
+    try:
+        trainer.model.save_pretrained(run / "adapter", safe_serialization=True)
+        tokenizer.save_pretrained(run / "adapter")
+        rows = _metrics_with_final_eval(trainer, data, run / "metrics.jsonl")
+        plot_loss(rows, run / "loss.png", f"{options.recipe_name}: {recipe.model.name_or_path}")
+        summary = _summary(recipe, options, trainer, result, runtime, rows, report, before, after,
+                           _peak_memory(predicted, context_bytes), data)
+        write_json_atomic(run / SUMMARY, summary)  # last: its presence marks the run complete
+    except OSError as err:
+        raise TrainingFailed(f"training finished but saving its results in {run} failed ({err.strerror or err}); "
+                             f"the checkpoints in {run / CHECKPOINTS} are intact; free space, then: "
+                             f"{_resume_command(run)}") from None
     print(_describe_summary(summary, run))
     return summary
+
+
+def _resume_command(run: Path) -> str:
+    return f"python -m qlora_trainer --recipe {run / 'recipe.yaml'} --output-dir {run} --resume"
 
 
 # A resumed run may change how long it trains, not what it trains: these sections must match the saved recipe.
@@ -154,7 +163,7 @@ def _check_same_run(recipe: Recipe, saved_path: Path) -> None:
 def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted, shape):
     """trainer.train(), with every way it can stop early turned into one line that says what was kept."""
     stop_signal, stop_nonfinite = guards
-    resume = f"python -m qlora_trainer --recipe {run / 'recipe.yaml'} --output-dir {run} --resume"
+    resume = _resume_command(run)
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.cuda.OutOfMemoryError:

@@ -224,3 +224,18 @@ def test_resume_refuses_a_different_lora(recipe_file, uninterrupted, tmp_path, c
     code = main(["--recipe", str(recipe_file), "--output-dir", str(run), "--resume", "--set", "lora.r=4"])
     err = capsys.readouterr().err
     assert code == 2 and "--resume: lora.r is 4 but the run used 8" in err and "Traceback" not in err
+
+
+def test_a_full_disk_after_training_keeps_checkpoints_and_writes_no_summary(recipe_file, tmp_path, monkeypatch):
+    import qlora_trainer.train as train_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module, "plot_loss", full_disk)
+    recipe, _ = load_recipe(str(recipe_file), ["train.max_steps=8"])
+    run = tmp_path / "run"
+    with pytest.raises(TrainingFailed, match="training finished but saving its results in .*No space left on device.*--resume"):
+        train(recipe, RunOptions(recipe_name="disk", output_dir=run))
+    assert latest_checkpoint(run) == run / "checkpoints" / "checkpoint-8"
+    assert not (run / "summary.json").exists()
