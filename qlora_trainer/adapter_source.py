@@ -91,10 +91,10 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[list[int], list[int]]]:
 def check_adapter_matches(adapter_dir: Path, base_config, base_name: str) -> None:
     """Refuse an adapter trained on another base: every adapted module must exist with the same in/out sizes."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base_config)
+    from qlora_trainer.model import meta_model
+
+    model = meta_model(base_config)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     for module, (a_shape, b_shape) in adapter_shapes(adapter_dir).items():
         layer = linears.get(module)

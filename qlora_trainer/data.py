@@ -85,8 +85,13 @@ def check_data_path(section: DataSection) -> None:
     """Cheap checks for `--dry-run`: a local path must exist (a hub id is only checked when loading)."""
     for key in ("path", "eval_path"):
         value = getattr(section, key)
-        if value and _looks_local(value) and not Path(value).expanduser().exists():
-            raise UserError(f"data.{key}: {value} does not exist; fix the path or pass a hub dataset id")
+        if value and _looks_local(value):
+            _require_exists(value, key)
+
+
+def _require_exists(value: str, key: str) -> None:
+    if not Path(value).expanduser().exists():
+        raise UserError(f"data.{key}: {value} does not exist; fix the path or pass a hub dataset id")
 
 
 def _looks_local(value: str) -> bool:
@@ -100,8 +105,7 @@ def _read_source(value: str, section: DataSection, key: str) -> _Rows:
     path = Path(value).expanduser()
     if not _looks_local(value):
         return _read_hub(value, section, key)
-    if not path.exists():
-        raise UserError(f"data.{key}: {value} does not exist; fix the path or pass a hub dataset id")
+    _require_exists(value, key)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
     if not files:
         raise UserError(f"data.{key}: {path} holds no .jsonl, .json, .csv or .parquet files")

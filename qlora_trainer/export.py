@@ -82,11 +82,9 @@ def merge_streaming(source: AdapterSource, options: ExportOptions, config, targe
     one shard, not the model. Returns False (having written nothing) when the checkpoint's tensor names are not
     the model's own, which transformers renames on load; `merge` handles those in memory."""
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
 
     files = _base_weight_files(source)
-    with torch.device("meta"):
-        names = AutoModelForCausalLM.from_config(config)
+    names = model_lib.meta_model(config)
     expected, quantized = set(names.state_dict()), model_lib.quantized_linear_names(names)
     keys = []
     for path in files:

@@ -114,7 +114,7 @@ class Estimate:
             "trainable_percent": round(100 * self.trainable_params / self.total_params, 4),
             "paged_optimizer_gib": round(self.paged_bytes / GIB, 4),
             "calibrated": CALIBRATED,
-            "inputs": {**asdict(self.settings), "rank": self.settings.rank, "batch_size": self.settings.batch_size},
+            "inputs": asdict(self.settings),
             "notes": self.notes,
         }
         if gpu_memory_gib is not None:
@@ -130,12 +130,10 @@ class Estimate:
 def model_shape(config, name: str) -> ModelShape:
     """Build the model on the meta device (no memory) and read every linear layer's shape."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from qlora_trainer.model import quantized_linear_names
+    from qlora_trainer.model import meta_model, quantized_linear_names
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     quantized = quantized_linear_names(model)
     linears = [Linear(n, m.in_features, m.out_features, m.bias is not None, n in quantized)
                for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -137,6 +137,14 @@ def format_parameter_report(report: dict) -> str:
             f"|| trainable%: {report['trainable_percent']:.4f}")
 
 
+def meta_model(config):
+    """The model built on PyTorch's meta device: every module and shape, no memory allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def quantized_linear_names(model) -> set[str]:
     """Names of the linear layers transformers quantizes to 4-bit: all but lm_head, tied and fp32-pinned modules.
     Uses transformers' own rule so that the estimator and the export agree with what loading really does."""

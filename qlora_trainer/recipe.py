@@ -321,13 +321,5 @@ def _resolve_relative_paths(raw: dict, base: Path) -> None:
             data[key] = str((base / value).resolve())
 
 
-def recipe_header(path: Path) -> str:
-    """The first comment line of a recipe file (its command), for listings."""
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
-
-
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
