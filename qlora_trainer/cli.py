@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--batch-size", type=int, help="micro-batch size (default 1)")
     est.add_argument("--optimizer", choices=["paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_torch"])
     est.add_argument("--no-gradient-checkpointing", action="store_true", help="estimate without checkpointing")
+    est.add_argument("--gpus", type=int, help="GPUs the run is spread over (default: the recipe's distributed.num_gpus, else 1)")
+    est.add_argument("--strategy", choices=["single", "ddp", "fsdp"], help="multi-GPU strategy (default: the recipe's, "
+                     "else ddp with --gpus above 1)")
+    est.add_argument("--cpu-offload", action="store_true", help="FSDP with parameters and optimizer state in CPU RAM")
     est.add_argument("--gpu-memory", type=float, metavar="GIB", help="GPU memory in GiB: adds fits and headroom")
     est.add_argument("--fit", action="store_true", help="with --gpu-memory: the longest seq_len and largest micro-batch that fit")
     est.add_argument("--json", action="store_true", help="print the contract's JSON instead of a table")
@@ -82,11 +86,24 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": _train, "estimate": _estimate, "export": _export, "generate": _generate, "recipes": _recipes}
         return commands[args.command](args)
     except (UserError, TrainingFailed) as err:
-        print(f"qlora-trainer: error: {err}", file=sys.stderr)
+        _report(err)
         return err.exit_code
     except KeyboardInterrupt:
         print("qlora-trainer: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _report(err: Exception) -> None:
+    """One line on stderr. Under a multi-process launch an error all processes agreed on is printed once, by the
+    main process; an error only one process met is printed by it, naming it."""
+    from qlora_trainer.distributed import current_launch
+
+    launch = current_launch()
+    if launch.distributed and not launch.is_main:
+        if getattr(err, "agreed", False):
+            return
+        err = f"process {launch.rank}: {err}"
+    print(f"qlora-trainer: error: {err}", file=sys.stderr)
 
 
 def _train(args) -> int:
@@ -127,8 +144,10 @@ def _estimate(args) -> int:
     else:
         shape = report.shape_for_model(args.model) if args.model else report.shape_for_size(args.model_size)
         settings = Settings()
-    changes = {"rank": args.rank, "seq_len": args.seq_len, "batch_size": args.batch_size, "optimizer": args.optimizer}
+    changes = {"rank": args.rank, "seq_len": args.seq_len, "batch_size": args.batch_size, "optimizer": args.optimizer,
+               "num_gpus": args.gpus, "strategy": args.strategy}
     settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
+    settings = _launch_settings(settings, args)
     if args.no_gradient_checkpointing:
         settings = dataclasses.replace(settings, gradient_checkpointing=False)
     for flag, value in (("--rank", settings.rank), ("--seq-len", settings.seq_len), ("--batch-size", settings.batch_size)):
@@ -150,6 +169,25 @@ def _estimate(args) -> int:
               f"x accumulation {found['gradient_accumulation_steps']} ({found['total_gib']:.2f} GiB)"
               if found["fits"] else f"Nothing fits {args.gpu_memory:g} GiB: {found['reason']}")
     return EXIT_OK
+
+
+def _launch_settings(settings, args):
+    """--gpus alone means DDP; --cpu-offload means FSDP; a single strategy is one GPU."""
+    import dataclasses
+
+    if args.gpus is not None and args.gpus <= 0:
+        raise UserError(f"--gpus must be a positive integer (got {args.gpus})")
+    if args.cpu_offload:
+        if settings.strategy not in ("single", "fsdp") or args.strategy not in (None, "fsdp"):
+            raise UserError("--cpu-offload is an FSDP option: use it with --strategy fsdp")
+        settings = dataclasses.replace(settings, strategy="fsdp", cpu_offload=True)
+    if settings.strategy == "single" and settings.num_gpus > 1:
+        if args.strategy == "single":
+            raise UserError("--strategy single runs on one GPU: drop --gpus or choose --strategy ddp or fsdp")
+        settings = dataclasses.replace(settings, strategy="ddp")
+    if settings.strategy != "fsdp":
+        settings = dataclasses.replace(settings, cpu_offload=False)
+    return settings
 
 
 def _export(args) -> int:
@@ -185,18 +223,25 @@ def _generate(args) -> int:
 def _recipes(args) -> int:
     from qlora_trainer.memory import GIB, estimate
     from qlora_trainer.memory_report import settings_from_recipe, shape_for_model
-    from qlora_trainer.recipe import load_recipe, shipped_recipe_names, shipped_recipes_dir
+    from qlora_trainer.recipe import launch_command, load_recipe, shipped_recipe_names, shipped_recipes_dir
 
-    rows = []
+    rows, launches = [], []
     for name in shipped_recipe_names():
         recipe, _ = load_recipe(name)
         est = estimate(shape_for_model(recipe.model.name_or_path), settings_from_recipe(recipe))
-        rows.append((name, recipe.model.name_or_path, f"{est.total / GIB:5.1f} GiB", recipe.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        d = recipe.distributed
+        gpus = "1" if d.strategy == "single" else f"{d.num_gpus} {d.strategy}{'+offload' if d.cpu_offload else ''}"
+        rows.append((name, recipe.model.name_or_path, f"{est.total / GIB:5.1f} GiB", gpus, recipe.description))
+        if d.strategy != "single":
+            launches.append(f"  {name}: {launch_command(recipe, name)}")
+    widths = [max(len(r[i]) for r in rows + [("recipe", "base model", "VRAM/GPU", "GPUs")]) for i in range(4)]
     print(f"Recipes in {shipped_recipes_dir()} (run one with: python -m qlora_trainer --recipe NAME)")
-    print(f"  {'recipe':<{widths[0]}}  {'base model':<{widths[1]}}  {'VRAM est.':<{widths[2]}}  description")
+    print("  " + "  ".join(f"{h:<{w}}" for h, w in zip(("recipe", "base model", "VRAM/GPU", "GPUs"), widths)) + "  description")
     for row in rows:
-        print("  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + f"  {row[3]}")
+        print("  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + f"  {row[4]}")
+    if launches:
+        print("Multi-GPU recipes start through accelerate (see docs/multi-gpu.md):")
+        print("\n".join(launches))
     return EXIT_OK
 
 

@@ -29,7 +29,7 @@ def exact_match_accuracy(model, tokenizer, rows, max_samples: int, max_new_token
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    return {"accuracy": correct / len(rows), "correct": correct, "total": len(rows), "examples": examples}
+    return {"accuracy": correct / len(rows) if len(rows) else 0.0, "correct": correct, "total": len(rows), "examples": examples}
 
 
 def _complete(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:

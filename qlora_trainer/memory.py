@@ -87,6 +87,9 @@ class Settings:
     optimizer: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
     attn_implementation: str = "sdpa"
+    strategy: str = "single"  # single | ddp | fsdp: the estimate is per GPU
+    num_gpus: int = 1
+    cpu_offload: bool = False  # FSDP only: sharded parameters, gradients and optimizer state live in CPU RAM
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Estimate:
     total_params: int
     settings: Settings
     paged_bytes: int = 0
+    cpu_offload_bytes: int = 0  # FSDP CPU offload: held in each process's CPU RAM instead of the GPU
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -113,6 +117,10 @@ class Estimate:
             "total_params": self.total_params,
             "trainable_percent": round(100 * self.trainable_params / self.total_params, 4),
             "paged_optimizer_gib": round(self.paged_bytes / GIB, 4),
+            "per_gpu": True,
+            "gpus": self.settings.num_gpus,
+            "strategy": self.settings.strategy,
+            "cpu_offload_gib": round(self.cpu_offload_bytes / GIB, 4),
             "calibrated": CALIBRATED,
             "inputs": asdict(self.settings),
             "notes": self.notes,
@@ -185,11 +193,46 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         "activations": activation_bytes(shape, targets, s),
         "logits": logits_bytes(shape, s),
     }
+    breakdown, offloaded = per_gpu(breakdown, shape, s)
     allocated = sum(breakdown.values())
     breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
     breakdown["allocator_overhead"] = int(ALLOCATOR_OVERHEAD_FRACTION * allocated)
     notes = [] if CALIBRATED else ["cuda_context and allocator_overhead are uncalibrated defaults"]
-    return Estimate(shape.name, breakdown, trainable, shape.total_params, s, paged_bytes=paged, notes=notes)
+    if s.strategy == "fsdp" and s.optimizer.startswith("paged_"):
+        paged //= s.num_gpus
+    return Estimate(shape.name, breakdown, trainable, shape.total_params, s, paged_bytes=0 if s.cpu_offload else paged,
+                    cpu_offload_bytes=offloaded, notes=notes)
+
+
+# Terms FSDP splits across processes (FULL_SHARD): each process keeps 1/N of every flat parameter, its gradient
+# and its optimizer state. The quantization constants are not parameters (bitsandbytes keeps them in each
+# module's quant_state), so every process holds all of them.
+SHARDED_TERMS = ("base_weights", "unquantized_params", "lora_params", "lora_grads", "optimizer_states")
+
+
+def per_gpu(breakdown: dict[str, int], shape: ModelShape, s: Settings) -> tuple[dict[str, int], int]:
+    """One GPU's share under the launch strategy; returns the terms and the bytes FSDP offloads to CPU RAM.
+
+    DDP: every GPU holds the single-GPU terms, plus the reducer's gradient buckets, a flat copy of the trainable
+    gradients it all-reduces. FSDP: the sharded terms divided by the GPU count, plus what is gathered whole while
+    in use: the root unit (embeddings, lm_head, final norm), which stays unsharded from forward to backward, and
+    two decoder layers (the one computing and the one prefetched).
+    """
+    terms = dict(breakdown)
+    if s.strategy == "ddp":
+        terms["ddp_grad_buckets"] = breakdown["lora_grads"]
+        return terms, 0
+    if s.strategy != "fsdp":
+        return terms, 0
+    n = max(1, s.num_gpus)
+    offloaded = 0
+    for key in SHARDED_TERMS:
+        share = math.ceil(breakdown[key] / n)
+        terms[key] = 0 if s.cpu_offload else share
+        offloaded += share if s.cpu_offload else 0
+    one_layer = (breakdown["base_weights"] + breakdown["lora_params"]) / shape.layers
+    terms["fsdp_gathered"] = int(breakdown["unquantized_params"] + 2 * one_layer)
+    return terms, offloaded
 
 
 def base_weight_bytes(shape: ModelShape) -> int:

@@ -51,20 +51,29 @@ def shape_for_size(size: str) -> ModelShape:
     return shape_for_model(DEFAULT_FOR_SIZE[key])
 
 
-def settings_from_recipe(recipe: Recipe) -> Settings:
+def settings_from_recipe(recipe: Recipe, launch=None) -> Settings:
+    """Estimator inputs from a recipe, for the launch given (a run's), else the one the recipe is written for."""
     lora, train = recipe.lora, recipe.train
+    if launch is None:
+        d = recipe.distributed
+        strategy, gpus, offload = d.strategy, d.num_gpus, d.cpu_offload
+    else:
+        strategy, gpus, offload = launch.strategy, launch.world_size, launch.cpu_offload
     return Settings(
         rank=lora.r, target_modules=lora.target_modules, lora_dropout=lora.dropout, use_dora=lora.use_dora,
         lora_dtype=lora.dtype, compute_dtype=recipe.quantization.compute_dtype,
         double_quant=recipe.quantization.double_quant, seq_len=train.seq_len, batch_size=train.micro_batch_size,
         optimizer=train.optimizer, gradient_checkpointing=train.gradient_checkpointing,
         attn_implementation=recipe.model.attn_implementation,
+        strategy=strategy, num_gpus=gpus, cpu_offload=offload,
     )
 
 
 def format_estimate(est: Estimate, gpu_memory_gib: float | None = None) -> str:
     s = est.settings
-    lines = [f"Memory estimate for {est.model} (peak GPU memory, as nvidia-smi shows it)"]
+    where = {"single": "", "ddp": f", per GPU of {s.num_gpus} under DDP",
+             "fsdp": f", per GPU of {s.num_gpus} under FSDP{' with CPU offload' if s.cpu_offload else ''}"}[s.strategy]
+    lines = [f"Memory estimate for {est.model} (peak GPU memory, as nvidia-smi shows it{where})"]
     for term, size in est.breakdown.items():
         lines.append(f"  {term:<20} {size / GIB:8.3f} GiB")
     lines.append(f"  {'total':<20} {est.total / GIB:8.3f} GiB")
@@ -73,6 +82,8 @@ def format_estimate(est: Estimate, gpu_memory_gib: float | None = None) -> str:
     lines.append(f"  inputs: rank {s.rank} on {s.target_modules if isinstance(s.target_modules, str) else ','.join(s.target_modules)}, "
                  f"seq_len {s.seq_len}, micro-batch {s.batch_size}, {s.optimizer}, "
                  f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.attn_implementation} attention")
+    if est.cpu_offload_bytes:
+        lines.append(f"  offloaded to CPU RAM: {est.cpu_offload_bytes / GIB:.3f} GiB per process")
     if est.paged_bytes:
         lines.append(f"  of the optimizer state, {est.paged_bytes / GIB:.3f} GiB is paged (spills to CPU RAM under pressure)")
     if gpu_memory_gib is not None:
@@ -115,6 +126,7 @@ def fixes_that_fit(shape: ModelShape, settings: Settings, limit_gib: float) -> l
     """The two or three single changes that would bring the estimate under the limit."""
     candidates = [
         ("--set train.micro_batch_size=1", {"batch_size": 1}),
+        ("fsdp_offload_params: true in the accelerate config", {"cpu_offload": settings.strategy == "fsdp"}),
         ("--set train.gradient_checkpointing=true", {"gradient_checkpointing": True}),
         (f"--set train.seq_len={settings.seq_len // 2}", {"seq_len": settings.seq_len // 2}),
         ("--set train.optimizer=paged_adamw_8bit", {"optimizer": "paged_adamw_8bit"}),

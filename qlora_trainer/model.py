@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
 from qlora_trainer.demo_model import demo_model_path, is_demo_model
+from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.recipe import LoraSection, ModelSection, QuantizationSection
 
@@ -44,7 +46,7 @@ def load_config(section: ModelSection):
                         "check the hub id and network, or pass a local copy with --set model.name_or_path=/path") from None
 
 
-def quantization_config(section: QuantizationSection):
+def quantization_config(section: QuantizationSection, sharded: bool = False):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -52,26 +54,32 @@ def quantization_config(section: QuantizationSection):
         bnb_4bit_quant_type=section.quant_type,
         bnb_4bit_use_double_quant=section.double_quant,
         bnb_4bit_compute_dtype=DTYPES[section.compute_dtype],
+        # FSDP shards flat parameters of one dtype: the packed 4-bit bytes are stored in a tensor of the compute
+        # dtype, so they flatten together with the 16-bit norms and adapters (the same bytes, viewed as bf16).
+        bnb_4bit_quant_storage=DTYPES[section.compute_dtype] if sharded else torch.uint8,
     )
 
 
-def load_base_model(model: ModelSection, quant: QuantizationSection, device: str):
+def load_base_model(model: ModelSection, quant: QuantizationSection, device: str, launch: Launch = Launch()):
     """Load the base model with every linear layer in 4-bit.
 
     `dtype=compute_dtype` keeps embeddings, lm_head and norms in 16-bit. We deliberately do not call
     `peft.prepare_model_for_kbit_training`: it casts every non-4-bit parameter to fp32, about 1 GB more on a
     7B model with a 32k vocabulary (2 GB on Llama-3-8B), and TRL's SFTTrainer trains fine without it.
+    Each DDP process loads a whole copy onto its own GPU (start() made it the current device). Under FSDP no
+    device map is given: FSDP moves each process's shard to its GPU when it wraps the model.
     """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model)
-    device_map = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
+    sharded = launch.strategy == "fsdp"
+    device_map = None if sharded else {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,
             revision=model.revision,
             trust_remote_code=model.trust_remote_code,
-            quantization_config=quantization_config(quant),
+            quantization_config=quantization_config(quant, sharded),
             dtype=DTYPES[quant.compute_dtype],
             attn_implementation=model.attn_implementation,
             device_map=device_map,
@@ -83,6 +91,11 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, device: str
                             "model.allow_pickle_weights: true if you trust the files (unpickling can run code)") from None
         raise UserError(f"model.name_or_path: cannot load '{model.name_or_path}' ({first_line(err)}); "
                         "check the hub id and network, or pass a local copy with --set model.name_or_path=/path") from None
+
+
+def unwrap(trainer):
+    """The PEFT model inside whatever DDP or FSDP wrapped around it."""
+    return trainer.accelerator.unwrap_model(trainer.model)
 
 
 def load_tokenizer(model: ModelSection):
@@ -154,6 +167,16 @@ def quantized_linear_names(model) -> set[str]:
     return {name for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear)
             and not any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keep)}
+
+
+def adapter_checksum(model) -> str:
+    """SHA-256 of the trainable weights (names and bytes): equal in every DDP process when they trained in step."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def frozen_dtypes(model) -> dict[str, str]:

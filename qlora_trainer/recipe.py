@@ -154,6 +154,31 @@ class ExportSection(_Section):
     dtype: Literal["float16", "bfloat16"] = Field("float16", description="Dtype of the merged export.")
 
 
+class DistributedSection(_Section):
+    """The launch a recipe is written for. `estimate` and `recipes` show per-GPU memory for it; a run follows how
+    it was actually launched (accelerate's environment) and says in its plan when that differs."""
+
+    strategy: Literal["single", "ddp", "fsdp"] = Field(
+        "single", description="single: one GPU; ddp: the 4-bit base on every GPU; fsdp: weights and states sharded."
+    )
+    num_gpus: int = Field(1, gt=0, description="GPUs (processes) the recipe is written for.")
+    cpu_offload: bool = Field(False, description="FSDP: keep sharded weights and optimizer state in CPU RAM (slower, less VRAM).")
+    accelerate_config: str | None = Field(
+        None, description="accelerate config to launch with: a file in recipes/accelerate/ (e.g. fsdp-qlora.yaml) or a path."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedSection:
+        if self.strategy == "single" and self.num_gpus != 1:
+            raise ValueError("distributed.num_gpus above 1 needs distributed.strategy ddp or fsdp")
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ValueError("distributed.cpu_offload needs distributed.strategy: fsdp")
+        if self.strategy != "single" and self.accelerate_config is None:
+            raise ValueError(f"distributed.strategy {self.strategy} needs distributed.accelerate_config "
+                             "(e.g. fsdp-qlora.yaml from recipes/accelerate/)")
+        return self
+
+
 class Recipe(_Section):
     description: str = Field("", description="One line shown by `qlora-trainer recipes`.")
     model: ModelSection
@@ -163,6 +188,7 @@ class Recipe(_Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
+    distributed: DistributedSection = DistributedSection()
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Recipe:
@@ -183,6 +209,28 @@ def shipped_recipes_dir() -> Path:
     if packaged.is_dir():
         return Path(str(packaged))
     return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def accelerate_config_path(name_or_path: str) -> Path:
+    """A shipped accelerate config by file name, or a path."""
+    shipped = shipped_recipes_dir() / "accelerate" / name_or_path
+    if shipped.is_file():
+        return shipped
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    names = sorted(p.name for p in (shipped_recipes_dir() / "accelerate").glob("*.yaml"))
+    raise UserError(f"distributed.accelerate_config: {name_or_path} is neither a file nor one of {', '.join(names)}")
+
+
+def launch_command(recipe: Recipe, recipe_arg: str) -> str:
+    """The command that runs `recipe` the way its distributed section says."""
+    d = recipe.distributed
+    if d.strategy == "single":
+        return f"python -m qlora_trainer --recipe {recipe_arg}"
+    config = accelerate_config_path(d.accelerate_config).resolve()
+    shown = config.relative_to(Path.cwd()) if config.is_relative_to(Path.cwd()) else config
+    return f"accelerate launch --config_file {shown} --num_processes {d.num_gpus} -m qlora_trainer --recipe {recipe_arg}"
 
 
 def shipped_recipe_names() -> list[str]:

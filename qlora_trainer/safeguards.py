@@ -7,10 +7,13 @@ import math
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from qlora_trainer.distributed import any_process
 from transformers.trainer_utils import rotate_checkpoints
 
 STAGING = ".partial"
@@ -22,30 +25,57 @@ def atomic_checkpoint_trainer():
     from trl import SFTTrainer
 
     class AtomicCheckpointTrainer(SFTTrainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            """PEFT's load_adapter brings the adapter back in fp32 (autocast_adapter_dtype): put each trainable
+            weight back in the dtype it trained in, before DDP builds its gradient buckets for it, or a resumed
+            run would not continue the uninterrupted one (DESIGN.md, known traps)."""
+            target = model if model is not None else self.model
+            dtypes = {name: p.dtype for name, p in target.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for name, param in target.named_parameters():
+                if name in dtypes and param.dtype != dtypes[name]:
+                    param.data = param.data.to(dtypes[name])
+
         def _save_checkpoint(self, model, trial):
+            # Every process writes into the staging directory (the main one the adapter and optimizer, each one
+            # its rng_state_<rank>.pth); only the main process clears and renames it, between barriers.
             final_root = Path(self.args.output_dir)
             staging_root = final_root / STAGING
-            shutil.rmtree(staging_root, ignore_errors=True)
+            main = self.args.should_save
+            if main:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
             name = f"checkpoint-{self.state.global_step}"
             self.args.output_dir = str(staging_root)  # the parent writes into <output_dir>/checkpoint-N
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = str(final_root)
-            if (final_root / name).exists():  # a step saved again after a resume: replace the old copy
-                shutil.rmtree(final_root / name)
-            os.replace(staging_root / name, final_root / name)
-            shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(str(final_root), self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+            self.accelerator.wait_for_everyone()
+            if main:
+                if (final_root / name).exists():  # a step saved again after a resume: replace the old copy
+                    shutil.rmtree(final_root / name)
+                os.replace(staging_root / name, final_root / name)
+                shutil.rmtree(staging_root, ignore_errors=True)
+                rotate_checkpoints(str(final_root), self.args.save_total_limit, self.state.best_model_checkpoint,
+                                   use_mtime=True)
+            self.accelerator.wait_for_everyone()
 
     return AtomicCheckpointTrainer
 
 
 class StopOnSignal(TrainerCallback):
-    """On SIGINT or SIGTERM, finish the current step, save a checkpoint and stop. A second signal stops at once."""
+    """On SIGINT or SIGTERM, finish the current step, save a checkpoint and stop. A second signal stops at once.
+
+    Under `accelerate launch` Ctrl-C reaches every process, and the launcher passes it on again a moment later:
+    a repeat within REPEAT_GRACE_S is the same request. Processes agree at each step end, so all stop together.
+    """
+
+    REPEAT_GRACE_S = 2.0
 
     def __init__(self):
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -61,13 +91,18 @@ class StopOnSignal(TrainerCallback):
         self._previous.clear()
 
     def _handle(self, signum, frame):
-        self.received = signum
-        self.restore()  # a second Ctrl-C interrupts immediately
+        now = time.monotonic()
+        if self.received is not None:
+            if now - self._received_at < self.REPEAT_GRACE_S:
+                return
+            raise KeyboardInterrupt  # a second, deliberate Ctrl-C stops at once
+        self.received, self._received_at = signum, now
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
               "(send it again to stop at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if any_process(self.received is not None, args.device):
+            self.received = self.received or signal.SIGTERM  # another process was signalled
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -82,8 +117,9 @@ class StopOnNonFinite(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        # One host sync per step rather than one per tensor.
-        if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all().item():
+        # One host sync per step rather than one per tensor; under FSDP each process checks only its shard.
+        finite = not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all().item()
+        if any_process(not finite, args.device):
             self.bad_step = state.global_step + 1
             for p in model.parameters():
                 p.grad = None  # optimizers skip parameters without gradients: the weights stay as they were

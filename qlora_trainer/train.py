@@ -6,17 +6,19 @@ The libraries do the work; this module only wires them together and records what
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
+from qlora_trainer import distributed
 from qlora_trainer import model as model_lib
+from qlora_trainer.distributed import Launch
 from qlora_trainer.data import check_data_path, load_data
 from qlora_trainer.sequence_fit import describe_data, fit_to_tokenizer
 from qlora_trainer.errors import Interrupted, TrainingFailed, UserError, WontFitError, first_line
@@ -48,7 +50,7 @@ def check_device(recipe: Recipe, device: str, force: bool) -> None:
                            "on the CPU; run on a GPU machine (or add --force to train on the CPU anyway)")
 
 
-def describe_plan(recipe: Recipe, options: RunOptions, device: str) -> str:
+def describe_plan(recipe: Recipe, options: RunOptions, device: str, launch: Launch = Launch()) -> str:
     t, lora, q = recipe.train, recipe.lora, recipe.quantization
     length = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epoch(s)"
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
@@ -59,12 +61,17 @@ def describe_plan(recipe: Recipe, options: RunOptions, device: str) -> str:
         f"  model     {recipe.model.name_or_path}: 4-bit {q.quant_type}{' + double quant' if q.double_quant else ''}, compute {q.compute_dtype}",
         f"  lora      r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {targets}{extras}, {lora.dtype} adapters",
         f"  data      {data}, format {recipe.data.format}",
-        f"  training  {length}, {t.micro_batch_size} x {t.accumulation_steps()} accumulation = "
-        f"{t.micro_batch_size * t.accumulation_steps()} sequences/step, seq_len {t.seq_len}, lr {t.learning_rate:g} "
+        f"  training  {length}, {_batch_arithmetic(t, launch.world_size)} sequences/step, seq_len {t.seq_len}, lr {t.learning_rate:g} "
         f"{t.lr_scheduler}, {t.optimizer}, checkpointing {'on' if t.gradient_checkpointing else 'off'}",
-        f"  device    {device}",
+        f"  device    {device}, {launch.describe()}",
         f"  output    {options.output_dir}",
     ] + [f"  WARNING   {warning}" for warning in _security_warnings(recipe)])
+
+
+def _batch_arithmetic(t, world_size: int) -> str:
+    per_process = f"{t.micro_batch_size} x {t.accumulation_steps(world_size)} accumulation"
+    total = t.micro_batch_size * t.accumulation_steps(world_size) * world_size
+    return f"{per_process} x {world_size} processes = {total}" if world_size > 1 else f"{per_process} = {total}"
 
 
 def _security_warnings(recipe: Recipe) -> list[str]:
@@ -77,12 +84,59 @@ def _security_warnings(recipe: Recipe) -> list[str]:
 
 
 def train(recipe: Recipe, options: RunOptions) -> dict | None:
-    """Run one training job; return the summary (None for a dry run)."""
+    """Run one training job; return the summary (None for a dry run, and in every process but the main one)."""
+    launch = distributed.current_launch()
     device = pick_device(recipe)
-    print(describe_plan(recipe, options, device), flush=True)
+    distributed.start(launch, device)
+    # Each process computed its own default run directory name from the clock: use the main process's.
+    options = dataclasses.replace(options, output_dir=distributed.on_main(lambda: options.output_dir, launch))
+    with distributed.main_prints_only(launch):
+        return _train(recipe, options, launch, device)
+
+
+def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> dict | None:
+    with distributed.together(launch):
+        prepared = _prepare(recipe, options, launch, device)
+    if prepared is None:
+        return None
+    shape, predicted, gpu_free_gib, data, tokenizer = prepared
+    run, checkpoint = distributed.on_main(lambda: _open_run_dir(recipe, options, predicted.to_json(gpu_free_gib)), launch)
+    context_bytes = _cuda_context_bytes() if device == "cuda" else None
+
+    torch.manual_seed(recipe.train.seed)
+    guards = (StopOnSignal(), StopOnNonFinite())
+    trainer = _build_or_clean_up(recipe, options, launch, tokenizer, data, run, device, guards)
+    outcome = Outcome(report=model_lib.parameter_report(trainer.model))
+    print(model_lib.format_parameter_report(outcome.report), flush=True)
+
+    outcome.before = _exact_match(recipe, trainer, tokenizer, data, launch, "before training")
+    started = time.perf_counter()
+    outcome.result = _run_guarded(trainer, guards, checkpoint, run, predicted, shape)
+    outcome.runtime = time.perf_counter() - started
+    outcome.after = _exact_match(recipe, trainer, tokenizer, data, launch, "after training")
+    if data.eval is not None and not _evaluated_at(trainer, trainer.state.global_step):
+        trainer.evaluate()  # every process takes part; MetricsLogger appends the result to metrics.jsonl
+    adapter_state = _adapter_state_dict(trainer, launch)  # under FSDP, gathered from every process
+    outcome.memory = distributed.gather(_peak_memory(predicted, context_bytes), launch)
+    # DDP keeps the copies identical; a difference would mean the processes trained apart. FSDP holds shards.
+    if launch.strategy != "fsdp":
+        outcome.checksums = distributed.gather(model_lib.adapter_checksum(model_lib.unwrap(trainer)), launch)
+    if outcome.checksums and len(set(outcome.checksums)) > 1:
+        print(f"WARNING: the processes ended with different adapters ({outcome.checksums}); the main process's is saved")
+
+    summary = distributed.on_main(
+        lambda: _save_results(recipe, options, trainer, tokenizer, adapter_state, outcome, data, launch, run), launch)
+    print(_describe_summary(summary, run))
+    return summary if launch.is_main else None
+
+
+def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
+    """Everything that can fail on bad input, before the run directory exists: plan, estimate, data, tokenizer."""
+    check_launch(recipe, launch)
+    print(describe_plan(recipe, options, device, launch), flush=True)
     model_lib.resolve_model_path(recipe.model)  # a missing local model is named before anything else
     shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
-    predicted = estimate(shape, settings_from_recipe(recipe))
+    predicted = estimate(shape, settings_from_recipe(recipe, launch))
     gpu_free_gib = _free_gpu_gib() if device == "cuda" else None
     print(format_estimate(predicted, gpu_free_gib), flush=True)
     check_data_path(recipe.data)
@@ -99,47 +153,70 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
     tokenizer = model_lib.load_tokenizer(recipe.model)
     data = fit_to_tokenizer(data, recipe.data, tokenizer, recipe.train.seq_len, recipe.model.name_or_path)
     print(describe_data(data), flush=True)
-    run, checkpoint = _open_run_dir(recipe, options, predicted.to_json(gpu_free_gib))
-    context_bytes = _cuda_context_bytes() if device == "cuda" else None
+    return shape, predicted, gpu_free_gib, data, tokenizer
 
-    torch.manual_seed(recipe.train.seed)
-    guards = (StopOnSignal(), StopOnNonFinite())
+
+def _build_or_clean_up(recipe, options, launch, tokenizer, data, run, device, guards):
+    """Load the 4-bit base and build the trainer; a run that never started leaves no directory needing --resume."""
     try:
-        base = model_lib.load_base_model(recipe.model, recipe.quantization, device)
-        trainer = build_trainer(recipe, base, tokenizer, data, run, device, callbacks=guards)
-    except (UserError, ImportError) as err:
-        if not options.resume:  # a run that never started leaves no directory that would need --resume
+        with distributed.together(launch):
+            try:
+                base = model_lib.load_base_model(recipe.model, recipe.quantization, device, launch)
+                return build_trainer(recipe, base, tokenizer, data, run, device, launch, callbacks=guards)
+            except ImportError as err:
+                raise UserError(f"{first_line(err)}; install the missing package or change model.attn_implementation") from None
+    except UserError:
+        if launch.is_main and not options.resume:
             shutil.rmtree(run, ignore_errors=True)
-        if isinstance(err, ImportError):
-            raise UserError(f"{first_line(err)}; install the missing package or change model.attn_implementation") from None
         raise
-    report = model_lib.parameter_report(trainer.model)
-    print(model_lib.format_parameter_report(report), flush=True)
 
-    before = _exact_match(recipe, trainer, tokenizer, data, "before training")
-    started = time.perf_counter()
-    result = _run_guarded(trainer, guards, checkpoint, run, predicted, shape)
-    runtime = time.perf_counter() - started
-    after = _exact_match(recipe, trainer, tokenizer, data, "after training")
 
+@dataclass
+class Outcome:
+    """What a run measured, for summary.json: the same in every process but `memory` and `checksums`, gathered."""
+
+    report: dict
+    before: dict | None = None
+    after: dict | None = None
+    result: object = None
+    runtime: float = 0.0
+    memory: list[dict] = field(default_factory=list)  # each process's peak GPU memory
+    checksums: list[str] | None = None  # each process's adapter (DDP)
+
+
+def _save_results(recipe, options, trainer, tokenizer, adapter_state, outcome: Outcome, data, launch, run) -> dict:
+    """Main process: the adapter, metrics plot and summary.json (last: its presence marks the run complete)."""
     try:
-        trainer.model.save_pretrained(run / "adapter", safe_serialization=True)
+        model_lib.unwrap(trainer).save_pretrained(run / "adapter", state_dict=adapter_state, safe_serialization=True)
         tokenizer.save_pretrained(run / "adapter")
-        rows = _metrics_with_final_eval(trainer, data, run / "metrics.jsonl")
+        rows = read_metrics(run / "metrics.jsonl")
         plot_loss(rows, run / "loss.png", f"{options.recipe_name}: {recipe.model.name_or_path}")
-        summary = _summary(recipe, options, trainer, result, runtime, rows, report, before, after,
-                           _peak_memory(predicted, context_bytes), data)
-        write_json_atomic(run / SUMMARY, summary)  # last: its presence marks the run complete
+        summary = _summary(recipe, options, trainer, outcome, rows, data, launch)
+        write_json_atomic(run / SUMMARY, summary)
     except OSError as err:
         raise TrainingFailed(f"training finished but saving its results in {run} failed ({err.strerror or err}); "
                              f"the checkpoints in {run / CHECKPOINTS} are intact; free space, then: "
                              f"{_resume_command(run)}") from None
-    print(_describe_summary(summary, run))
     return summary
 
 
+def check_launch(recipe: Recipe, launch: Launch) -> None:
+    """What a multi-process launch needs from the recipe."""
+    t = recipe.train
+    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * launch.world_size):
+        raise UserError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
+                        f"x processes ({t.micro_batch_size} x {launch.world_size}); set it to a multiple of "
+                        f"{t.micro_batch_size * launch.world_size}")
+    if launch.strategy == "fsdp" and recipe.lora.dtype != recipe.quantization.compute_dtype:
+        raise UserError(f"FSDP flattens adapters and frozen weights together, so they need one dtype: set lora.dtype to "
+                        f"{recipe.quantization.compute_dtype} (quantization.compute_dtype) or launch without FSDP")
+
+
 def _resume_command(run: Path) -> str:
-    return f"python -m qlora_trainer --recipe {run / 'recipe.yaml'} --output-dir {run} --resume"
+    args = f"-m qlora_trainer --recipe {run / 'recipe.yaml'} --output-dir {run} --resume"
+    if distributed.current_launch().distributed:  # the launcher's own options are not ours to know
+        return f"the same accelerate launch (or torchrun) options, then {args}"
+    return f"python {args}"
 
 
 # A resumed run may change how long it trains, not what it trains: these sections must match the saved recipe.
@@ -177,14 +254,17 @@ def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted,
                              f"are intact; free space or fix permissions, then: {resume}") from None
     finally:
         stop_signal.restore()
+    # Both stops are agreed at each step end, so every process raises the same error; the main one prints it.
     if stop_nonfinite.bad_step is not None:
         last = latest_checkpoint(run)
-        raise TrainingFailed(f"loss became non-finite at step {stop_nonfinite.bad_step}; the update was dropped and "
-                             f"training stopped; last good checkpoint: {last or 'none'}; try a lower train.learning_rate "
-                             "or train.max_grad_norm, then start again or --resume")
+        raise distributed.agreed(TrainingFailed(
+            f"loss became non-finite at step {stop_nonfinite.bad_step}; the update was dropped and training stopped; "
+            f"last good checkpoint: {last or 'none'}; try a lower train.learning_rate or train.max_grad_norm, then "
+            "start again or --resume"))
     if stop_signal.received is not None:
-        raise Interrupted(f"stopped by {signal.Signals(stop_signal.received).name} at step {trainer.state.global_step}; checkpoint "
-                          f"saved in {run / CHECKPOINTS}; continue with: {resume}")
+        raise distributed.agreed(Interrupted(
+            f"stopped by {signal.Signals(stop_signal.received).name} at step {trainer.state.global_step}; checkpoint "
+            f"saved in {run / CHECKPOINTS}; continue with: {resume}"))
     return result
 
 
@@ -205,21 +285,22 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict) -> t
     return run, checkpoint
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str, callbacks: tuple = ()):
+def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str, launch: Launch = Launch(),
+                  callbacks: tuple = ()):
     trainer = atomic_checkpoint_trainer()(
         model=model,
-        args=sft_config(recipe, run, device, has_eval=data.eval is not None),
+        args=sft_config(recipe, run, device, has_eval=data.eval is not None, world_size=launch.world_size),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=model_lib.lora_config(recipe.lora),
-        callbacks=[MetricsLogger(run / "metrics.jsonl"), AdapterDtype(recipe), *callbacks],
+        callbacks=[MetricsLogger(run / "metrics.jsonl"), *callbacks],
     )
     model_lib.set_adapter_dtype(trainer.model, recipe.lora)
     return trainer
 
 
-def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool):
+def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, world_size: int = 1):
     from trl import SFTConfig
 
     t, d = recipe.train, recipe.data
@@ -233,7 +314,7 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool):
         output_dir=str(run / CHECKPOINTS),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.accumulation_steps(),
+        gradient_accumulation_steps=t.accumulation_steps(world_size),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
         learning_rate=t.learning_rate,
@@ -267,37 +348,45 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool):
         use_cpu=device == "cpu",
         report_to=[],
         dataloader_num_workers=0,
+        # Every LoRA weight takes part in every step; searching the graph for unused ones costs time each step
+        # and fails with non-reentrant checkpointing.
+        ddp_find_unused_parameters=False,
     )
 
 
-class AdapterDtype(TrainerCallback):
-    """Restore the adapter dtype after a resume: loading a checkpoint brings LoRA weights back as fp32, and a
-    resumed run would then diverge from the uninterrupted one (DESIGN.md, known traps)."""
-
-    def __init__(self, recipe: Recipe):
-        self.lora = recipe.lora
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            model_lib.set_adapter_dtype(model, self.lora)
+def _evaluated_at(trainer, step: int) -> bool:
+    """Whether an eval was logged at `step` (the same answer in every process: each keeps the log history)."""
+    return any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)
 
 
-def _metrics_with_final_eval(trainer, data, path: Path) -> list[dict]:
-    """The logged metrics, evaluating once more if the last step was not an eval step."""
-    rows = read_metrics(path)
-    step = trainer.state.global_step
-    if data.eval is not None and not any(r.get("eval_loss") is not None and r["step"] == step for r in rows):
-        trainer.evaluate()  # MetricsLogger appends it to the file
-        rows = read_metrics(path)
-    return rows
+def _adapter_state_dict(trainer, launch: Launch) -> dict | None:
+    """None saves the model's own state; FSDP must first gather the sharded adapter, in every process."""
+    if launch.strategy != "fsdp":
+        return None
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    return trainer.accelerator.get_state_dict(trainer.model)
 
 
-def _exact_match(recipe: Recipe, trainer, tokenizer, data, when: str) -> dict | None:
+def _exact_match(recipe: Recipe, trainer, tokenizer, data, launch: Launch, when: str) -> dict | None:
+    """Exact match on the eval prompts, each process completing its share of them."""
     if not recipe.eval.exact_match:
         return None
-    result = exact_match_accuracy(trainer.model, tokenizer, data.eval, recipe.eval.max_samples, recipe.eval.max_new_tokens)
+    if launch.strategy == "fsdp":  # each process holds a shard of the model: generating would gather it whole
+        print(f"Held-out exact match {when}: skipped under FSDP; run `generate` on the adapter instead", flush=True)
+        return None
+    rows = data.eval.select(range(min(recipe.eval.max_samples, len(data.eval))))
+    share = rows.shard(num_shards=launch.world_size, index=launch.rank, contiguous=True)
+    parts = distributed.gather(
+        exact_match_accuracy(model_lib.unwrap(trainer), tokenizer, share, len(share), recipe.eval.max_new_tokens), launch)
+    result = combine_exact_match(parts)
     print(f"Held-out exact match {when}: {result['accuracy']:.1%} ({result['correct']}/{result['total']})", flush=True)
     return result
+
+
+def combine_exact_match(parts: list[dict]) -> dict:
+    correct, total = sum(p["correct"] for p in parts), sum(p["total"] for p in parts)
+    examples = [e for p in parts for e in p["examples"]][:3]
+    return {"accuracy": correct / total, "correct": correct, "total": total, "examples": examples}
 
 
 def _free_gpu_gib() -> float:
@@ -324,33 +413,40 @@ def _peak_memory(predicted, context_bytes: int | None) -> dict:
     return memory
 
 
-def _summary(recipe, options, trainer, result, runtime, rows, report, before, after, memory, data) -> dict:
+def _summary(recipe, options, trainer, outcome: Outcome, rows, data, launch) -> dict:
+    """Tokens are counted over all processes (TRL gathers them); memory and adapter checksums per process."""
+    runtime, memory = outcome.runtime, outcome.memory
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     final_eval = next((r for r in reversed(rows) if r.get("eval_loss") is not None), {})
     tokens = max((r.get("tokens") or 0 for r in rows), default=0)
     return {
         "recipe": options.recipe_name,
         "model": recipe.model.name_or_path,
-        "device": "cuda" if memory["measured"] is not None else "cpu",
+        "device": "cuda" if memory[0]["measured"] is not None else "cpu",
+        "processes": launch.world_size,
+        "strategy": launch.strategy,
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "mean_train_loss": result.training_loss,
+        "mean_train_loss": outcome.result.training_loss,
         "eval_loss": final_eval.get("eval_loss"),
         "eval_perplexity": final_eval.get("eval_perplexity"),
         "runtime_s": round(runtime, 2),
         "tokens": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
-        **report,
+        "tokens_per_s_per_process": round(tokens / runtime / launch.world_size, 1) if runtime > 0 else None,
+        **outcome.report,
         "data_format": data.format,
         "data": data.stats,
         "adapter_dtype": recipe.lora.dtype,
         "frozen_dtypes": sorted(set(model_lib.frozen_dtypes(trainer.model).values())),
-        "exact_match_before": before and before["accuracy"],
-        "exact_match_after": after and after["accuracy"],
-        "exact_match_examples": after and after["examples"],
-        "peak_memory_gib": memory,
+        "exact_match_before": outcome.before and outcome.before["accuracy"],
+        "exact_match_after": outcome.after and outcome.after["accuracy"],
+        "exact_match_examples": outcome.after and outcome.after["examples"],
+        "peak_memory_gib": memory[0],  # the main process's GPU
+        "peak_memory_gib_per_process": memory,
+        "adapter_sha256_per_process": outcome.checksums,
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qlora_trainer.errors import UserError
-from qlora_trainer.recipe import Recipe, load_recipe, shipped_recipe_names, shipped_recipes_dir
+from qlora_trainer.recipe import Recipe, launch_command, load_recipe, shipped_recipe_names, shipped_recipes_dir
 
 MINIMAL = """\
 model:
@@ -24,10 +24,11 @@ def error_of(path, overrides=()) -> str:
 
 
 @pytest.mark.parametrize("name", shipped_recipe_names())
-def test_every_shipped_recipe_validates_and_documents_its_command(name):
+def test_every_shipped_recipe_validates_and_documents_its_command(name, monkeypatch):
+    monkeypatch.chdir(shipped_recipes_dir().parent)
     recipe, path = load_recipe(name)
     assert isinstance(recipe, Recipe)
-    assert path.read_text().splitlines()[0] == f"# python -m qlora_trainer --recipe {name}"
+    assert path.read_text().splitlines()[0] == f"# {launch_command(recipe, name)}"  # as run from the repository root
     assert recipe.description, "shown by `qlora-trainer recipes`"
 
 
