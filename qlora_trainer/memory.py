@@ -225,9 +225,11 @@ def per_gpu(breakdown: dict[str, int], shape: ModelShape, s: Settings) -> tuple[
     if s.strategy != "fsdp":
         return terms, 0
     n = max(1, s.num_gpus)
+    # accelerate's FSDP mixed precision keeps the trainable adapters (and so their gradients) in fp32.
+    upcast = {"lora_params": 4 / DTYPE_BYTES[s.lora_dtype], "lora_grads": 4 / DTYPE_BYTES[s.lora_dtype]}
     offloaded = 0
     for key in SHARDED_TERMS:
-        share = math.ceil(breakdown[key] / n)
+        share = math.ceil(breakdown[key] * upcast.get(key, 1) / n)
         terms[key] = 0 if s.cpu_offload else share
         offloaded += share if s.cpu_offload else 0
     one_layer = (breakdown["base_weights"] + breakdown["lora_params"]) / shape.layers

@@ -1,68 +1,16 @@
-"""What keeps a long run safe: checkpoints that are complete or absent, a clean stop on SIGINT/SIGTERM, and a
-stop before a non-finite gradient reaches the weights."""
+"""What stops a long run safely: a clean stop on SIGINT/SIGTERM, and a stop before a non-finite gradient reaches
+the weights. (Checkpoints that are complete or absent: sft_trainer.py.)"""
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import signal
 import time
-from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from qlora_trainer.distributed import any_process
-from transformers.trainer_utils import rotate_checkpoints
-
-STAGING = ".partial"
-
-
-def atomic_checkpoint_trainer():
-    """SFTTrainer whose checkpoints are written under checkpoints/.partial/ and renamed into place when whole,
-    so a crash mid-save leaves the previous checkpoint as the newest complete one."""
-    from trl import SFTTrainer
-
-    class AtomicCheckpointTrainer(SFTTrainer):
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            """PEFT's load_adapter brings the adapter back in fp32 (autocast_adapter_dtype): put each trainable
-            weight back in the dtype it trained in, before DDP builds its gradient buckets for it, or a resumed
-            run would not continue the uninterrupted one (DESIGN.md, known traps)."""
-            target = model if model is not None else self.model
-            dtypes = {name: p.dtype for name, p in target.named_parameters() if p.requires_grad}
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            for name, param in target.named_parameters():
-                if name in dtypes and param.dtype != dtypes[name]:
-                    param.data = param.data.to(dtypes[name])
-
-        def _save_checkpoint(self, model, trial):
-            # Every process writes into the staging directory (the main one the adapter and optimizer, each one
-            # its rng_state_<rank>.pth); only the main process clears and renames it, between barriers.
-            final_root = Path(self.args.output_dir)
-            staging_root = final_root / STAGING
-            main = self.args.should_save
-            if main:
-                shutil.rmtree(staging_root, ignore_errors=True)
-            self.accelerator.wait_for_everyone()
-            name = f"checkpoint-{self.state.global_step}"
-            self.args.output_dir = str(staging_root)  # the parent writes into <output_dir>/checkpoint-N
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.output_dir = str(final_root)
-            self.accelerator.wait_for_everyone()
-            if main:
-                if (final_root / name).exists():  # a step saved again after a resume: replace the old copy
-                    shutil.rmtree(final_root / name)
-                os.replace(staging_root / name, final_root / name)
-                shutil.rmtree(staging_root, ignore_errors=True)
-                rotate_checkpoints(str(final_root), self.args.save_total_limit, self.state.best_model_checkpoint,
-                                   use_mtime=True)
-            self.accelerator.wait_for_everyone()
-
-    return AtomicCheckpointTrainer
-
 
 class StopOnSignal(TrainerCallback):
     """On SIGINT or SIGTERM, finish the current step, save a checkpoint and stop. A second signal stops at once.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import time
@@ -27,7 +28,8 @@ from qlora_trainer.memory import estimate
 from qlora_trainer.memory_report import check_fits, fixes_that_fit, format_estimate, settings_from_recipe, shape_for_model
 from qlora_trainer.metrics import GIB, MetricsLogger, plot_loss, read_metrics
 from qlora_trainer.recipe import Recipe, dump_recipe
-from qlora_trainer.safeguards import StopOnNonFinite, StopOnSignal, atomic_checkpoint_trainer
+from qlora_trainer.safeguards import StopOnNonFinite, StopOnSignal
+from qlora_trainer.sft_trainer import qlora_sft_trainer
 from qlora_trainer.run_dir import CHECKPOINTS, SUMMARY, latest_checkpoint, prepare_run_dir, write_json_atomic, write_text_atomic
 
 
@@ -116,7 +118,10 @@ def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> 
     outcome.after = _exact_match(recipe, trainer, tokenizer, data, launch, "after training")
     if data.eval is not None and not _evaluated_at(trainer, trainer.state.global_step):
         trainer.evaluate()  # every process takes part; MetricsLogger appends the result to metrics.jsonl
-    adapter_state = _adapter_state_dict(trainer, launch)  # under FSDP, gathered from every process
+    try:
+        trainer.save_adapter(run / "adapter")  # under FSDP every process takes part in gathering it
+    except OSError as err:
+        raise _saving_failed(run, err) from None
     outcome.memory = distributed.gather(_peak_memory(predicted, context_bytes), launch)
     # DDP keeps the copies identical; a difference would mean the processes trained apart. FSDP holds shards.
     if launch.strategy != "fsdp":
@@ -125,7 +130,7 @@ def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> 
         print(f"WARNING: the processes ended with different adapters ({outcome.checksums}); the main process's is saved")
 
     summary = distributed.on_main(
-        lambda: _save_results(recipe, options, trainer, tokenizer, adapter_state, outcome, data, launch, run), launch)
+        lambda: _save_results(recipe, options, trainer, tokenizer, outcome, data, launch, run), launch)
     print(_describe_summary(summary, run))
     return summary if launch.is_main else None
 
@@ -184,20 +189,23 @@ class Outcome:
     checksums: list[str] | None = None  # each process's adapter (DDP)
 
 
-def _save_results(recipe, options, trainer, tokenizer, adapter_state, outcome: Outcome, data, launch, run) -> dict:
-    """Main process: the adapter, metrics plot and summary.json (last: its presence marks the run complete)."""
+def _save_results(recipe, options, trainer, tokenizer, outcome: Outcome, data, launch, run) -> dict:
+    """Main process: the tokenizer beside the adapter, the loss plot and summary.json (last: its presence marks
+    the run complete)."""
     try:
-        model_lib.unwrap(trainer).save_pretrained(run / "adapter", state_dict=adapter_state, safe_serialization=True)
         tokenizer.save_pretrained(run / "adapter")
         rows = read_metrics(run / "metrics.jsonl")
         plot_loss(rows, run / "loss.png", f"{options.recipe_name}: {recipe.model.name_or_path}")
         summary = _summary(recipe, options, trainer, outcome, rows, data, launch)
         write_json_atomic(run / SUMMARY, summary)
     except OSError as err:
-        raise TrainingFailed(f"training finished but saving its results in {run} failed ({err.strerror or err}); "
-                             f"the checkpoints in {run / CHECKPOINTS} are intact; free space, then: "
-                             f"{_resume_command(run)}") from None
+        raise _saving_failed(run, err) from None
     return summary
+
+
+def _saving_failed(run: Path, err: OSError) -> TrainingFailed:
+    return TrainingFailed(f"training finished but saving its results in {run} failed ({err.strerror or err}); the "
+                          f"checkpoints in {run / CHECKPOINTS} are intact; free space, then: {_resume_command(run)}")
 
 
 def check_launch(recipe: Recipe, launch: Launch) -> None:
@@ -207,9 +215,9 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
         raise UserError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
                         f"x processes ({t.micro_batch_size} x {launch.world_size}); set it to a multiple of "
                         f"{t.micro_batch_size * launch.world_size}")
-    if launch.strategy == "fsdp" and recipe.lora.dtype != recipe.quantization.compute_dtype:
-        raise UserError(f"FSDP flattens adapters and frozen weights together, so they need one dtype: set lora.dtype to "
-                        f"{recipe.quantization.compute_dtype} (quantization.compute_dtype) or launch without FSDP")
+    if launch.strategy == "fsdp" and os.environ.get("FSDP_VERSION", "1") != "1":
+        raise UserError("FSDP2 (fsdp_version: 2) is not supported with 4-bit weights yet: use fsdp_version: 1, as in "
+                        "recipes/accelerate/fsdp-qlora.yaml")
 
 
 def _resume_command(run: Path) -> str:
@@ -287,9 +295,9 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict) -> t
 
 def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str, launch: Launch = Launch(),
                   callbacks: tuple = ()):
-    trainer = atomic_checkpoint_trainer()(
+    trainer = qlora_sft_trainer()(
         model=model,
-        args=sft_config(recipe, run, device, has_eval=data.eval is not None, world_size=launch.world_size),
+        args=sft_config(recipe, run, device, has_eval=data.eval is not None, launch=launch),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
@@ -297,10 +305,15 @@ def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str
         callbacks=[MetricsLogger(run / "metrics.jsonl"), *callbacks],
     )
     model_lib.set_adapter_dtype(trainer.model, recipe.lora)
+    if trainer.is_fsdp_enabled:
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        # Each LoRA layer in its own FSDP unit: a flat parameter then holds only trainable or only frozen weights.
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     return trainer
 
 
-def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, world_size: int = 1):
+def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: Launch = Launch()):
     from trl import SFTConfig
 
     t, d = recipe.train, recipe.data
@@ -314,7 +327,7 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, world_siz
         output_dir=str(run / CHECKPOINTS),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.accumulation_steps(world_size),
+        gradient_accumulation_steps=t.accumulation_steps(launch.world_size),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
         learning_rate=t.learning_rate,
@@ -324,8 +337,10 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, world_siz
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
         activation_checkpointing=t.gradient_checkpointing,
-        # Non-reentrant checkpointing works with frozen inputs and is what PyTorch recommends.
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        # Non-reentrant checkpointing works with frozen inputs and is what PyTorch recommends. Under FSDP, whose
+        # mixed precision keeps the adapters in fp32, its recomputation check fails after a sharded checkpoint
+        # save (fp32 saved, bf16 recomputed): the reentrant variant, as PEFT's FSDP-QLoRA recipe uses.
+        activation_checkpointing_kwargs={"use_reentrant": launch.strategy == "fsdp"},
         bf16=recipe.quantization.compute_dtype == "bfloat16",
         fp16=recipe.quantization.compute_dtype == "float16" and device == "cuda",
         # Rows longer than seq_len were counted (and with overlong: drop, left out) by data.fit_to_tokenizer; TRL
@@ -357,14 +372,6 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, world_siz
 def _evaluated_at(trainer, step: int) -> bool:
     """Whether an eval was logged at `step` (the same answer in every process: each keeps the log history)."""
     return any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)
-
-
-def _adapter_state_dict(trainer, launch: Launch) -> dict | None:
-    """None saves the model's own state; FSDP must first gather the sharded adapter, in every process."""
-    if launch.strategy != "fsdp":
-        return None
-    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    return trainer.accelerator.get_state_dict(trainer.model)
 
 
 def _exact_match(recipe: Recipe, trainer, tokenizer, data, launch: Launch, when: str) -> dict | None:
@@ -439,7 +446,8 @@ def _summary(recipe, options, trainer, outcome: Outcome, rows, data, launch) -> 
         **outcome.report,
         "data_format": data.format,
         "data": data.stats,
-        "adapter_dtype": recipe.lora.dtype,
+        # accelerate's FSDP mixed precision keeps trainable weights in fp32 (and autocasts the compute).
+        "adapter_dtype": "float32" if launch.strategy == "fsdp" else recipe.lora.dtype,
         "frozen_dtypes": sorted(set(model_lib.frozen_dtypes(trainer.model).values())),
         "exact_match_before": outcome.before and outcome.before["accuracy"],
         "exact_match_after": outcome.after and outcome.after["accuracy"],

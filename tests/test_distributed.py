@@ -59,21 +59,30 @@ eval:
     return path
 
 
+def start(launcher: list[str], recipe_file: Path, run: Path, *extra: str) -> subprocess.Popen:
+    """A new session, so that a test can send Ctrl-C to all the processes at once as a terminal would."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return subprocess.Popen([*launcher, "--recipe", str(recipe_file), "--output-dir", str(run), *extra], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
+
+
 def torchrun(recipe_file: Path, run: Path, *extra: str) -> subprocess.Popen:
-    """Two processes on this machine; a new session so that a test can send Ctrl-C to all of them at once."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}",
-               "-m", "qlora_trainer", "--recipe", str(recipe_file), "--output-dir", str(run), *extra]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}",
+                "-m", "qlora_trainer"]
+    return start(launcher, recipe_file, run, *extra)
+
+
+def finished(launch, recipe_file: Path, run: Path) -> tuple[Path, str]:
+    proc = launch(recipe_file, run)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-4000:]
+    return run, out
 
 
 @pytest.fixture(scope="module")
 def ddp_run(recipe_file, tmp_path_factory) -> tuple[Path, str]:
-    run = tmp_path_factory.mktemp("ddp") / "run"
-    proc = torchrun(recipe_file, run)
-    out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-4000:]
-    return run, out
+    return finished(torchrun, recipe_file, tmp_path_factory.mktemp("ddp") / "run")
 
 
 def test_both_processes_train_the_same_adapter_and_the_loss_falls(ddp_run):
@@ -132,6 +141,89 @@ def test_ctrl_c_then_resume_on_two_processes_gives_the_uninterrupted_adapter(rec
     assert resumed.returncode == 0, err[-4000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
     assert_same_adapter(ddp_run[0], run)
+
+
+# ---------------------------------------------------------------- FSDP-QLoRA, two gloo processes
+
+FSDP_ON_CPU = REPO / "tests" / "fsdp_on_cpu"
+
+
+def accelerate_fsdp(recipe_file: Path, run: Path, *extra: str) -> subprocess.Popen:
+    """`accelerate launch` with the shipped FSDP-QLoRA config (minus its accelerator-only options), through the
+    shim that lets accelerate use FSDP with gloo processes (see tests/fsdp_on_cpu/launch.py)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_ON_CPU / "accelerate.yaml"),
+                str(FSDP_ON_CPU / "launch.py")]
+    return start(launcher, recipe_file, run, *extra)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(recipe_file, tmp_path_factory) -> tuple[Path, str]:
+    return finished(accelerate_fsdp, recipe_file, tmp_path_factory.mktemp("fsdp") / "run")
+
+
+def test_the_fsdp_config_differs_from_the_shipped_one_only_where_a_cpu_needs_it():
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "recipes" / "accelerate" / "fsdp-qlora.yaml").read_text())
+    ours = yaml.safe_load((FSDP_ON_CPU / "accelerate.yaml").read_text())
+    changed = {k for k in shipped["fsdp_config"] if shipped["fsdp_config"][k] != ours["fsdp_config"][k]}
+    assert changed == {"fsdp_cpu_ram_efficient_loading", "fsdp_sync_module_states"}
+    assert {k: v for k, v in shipped.items() if k != "fsdp_config"} == {k: v for k, v in ours.items() if k != "fsdp_config"}
+
+
+def test_fsdp_trains_a_sharded_adapter_and_saves_it_whole(fsdp_run, ddp_run, tiny_model_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run, out = fsdp_run
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["strategy"] == "fsdp" and summary["processes"] == PROCESSES
+    assert summary["final_loss"] < 0.7 * summary["first_loss"]
+    assert "2 processes, FSDP" in out and "skipped under FSDP" in out
+    saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert saved.keys() == load_file(str(ddp_run[0] / "adapter" / "adapter_model.safetensors")).keys()
+    assert summary["adapter_dtype"] == "float32" and all(t.dtype == torch.float32 for t in saved.values())
+    assert all(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k), "lora_B starts at zero: it trained"
+    # PEFT loads it under its own key names: a key it did not recognise would leave lora_B at zero.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    loaded = dict(PeftModel.from_pretrained(base, run / "adapter").named_parameters())
+    for key, tensor in saved.items():
+        torch.testing.assert_close(loaded[key.replace(".weight", ".default.weight")], tensor, rtol=0, atol=0, msg=key)
+
+
+def test_fsdp_checkpoints_are_sharded_per_process(fsdp_run):
+    run, _ = fsdp_run
+    checkpoint = run / "checkpoints" / "checkpoint-4"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"pytorch_model_fsdp_0", "optimizer_0", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= names
+    assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == PROCESSES
+
+
+def test_fsdp_checkpoints_hold_the_adapter_and_a_resumed_run_continues_from_it(recipe_file, fsdp_run, tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    proc = accelerate_fsdp(recipe_file, run)
+    wait_for_checkpoint(run, 4, proc, timeout=600)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and not (run / "summary.json").exists(), err[-3000:]
+    saved = latest_checkpoint(run)
+    # accelerate's sharded checkpoint of a PEFT model holds no adapter weights; ours are written beside it.
+    weights = load_file(str(saved / "adapter_model.safetensors"))
+    assert all(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k)
+    resumed = accelerate_fsdp(recipe_file, run, "--resume")
+    _, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    at = int(saved.name.split("-")[1])
+    before = [r["loss"] for r in rows if r["step"] <= at][-1]
+    after = [r["loss"] for r in rows if r["step"] > at]
+    # Restarting from fresh adapters would put the loss back near its first value (6.4 here).
+    assert after[0] < rows[0]["loss"] - 1.0 and after[-1] < before, rows
+    straight = json.loads((fsdp_run[0] / "summary.json").read_text())["final_loss"]
+    assert json.loads((run / "summary.json").read_text())["final_loss"] == pytest.approx(straight, rel=0.25)
 
 
 # ---------------------------------------------------------------- the agreement helpers, in two real processes

@@ -138,6 +138,40 @@ def test_estimate_grows_with_rank_sequence_and_batch():
     assert estimate(shape, dataclasses.replace(base, attn_implementation="eager")).total > estimate(shape, base).total
 
 
+def test_per_gpu_terms_for_ddp_and_fsdp():
+    shape = model_shape(load_architecture("llama-2-70b"), "llama-2-70b")
+    one = estimate(shape, Settings(seq_len=1024)).breakdown
+    ddp = estimate(shape, Settings(seq_len=1024, strategy="ddp", num_gpus=4)).breakdown
+    assert ddp["ddp_grad_buckets"] == one["lora_grads"]
+    assert {k: v for k, v in ddp.items() if k not in ("ddp_grad_buckets", "allocator_overhead")} == \
+        {k: v for k, v in one.items() if k != "allocator_overhead"}, "DDP replicates every single-GPU term"
+    fsdp = estimate(shape, Settings(seq_len=1024, strategy="fsdp", num_gpus=2)).breakdown
+    assert fsdp["base_weights"] == pytest.approx(one["base_weights"] / 2, abs=1)
+    assert fsdp["optimizer_states"] == pytest.approx(one["optimizer_states"] / 2, abs=1)
+    assert fsdp["lora_params"] == pytest.approx(one["lora_params"] * 2 / 2, abs=1), "fp32 under FSDP, halved"
+    assert fsdp["quant_constants"] == one["quant_constants"], "quant_state is not a parameter FSDP shards"
+    assert fsdp["activations"] == one["activations"]
+    # Gathered: the root unit (embeddings, lm_head, norms) whole plus two decoder layers.
+    two_layers = 2 * (one["base_weights"] + one["lora_params"]) / shape.layers
+    assert fsdp["fsdp_gathered"] == pytest.approx(one["unquantized_params"] + two_layers, abs=1)
+    offload = estimate(shape, Settings(seq_len=1024, strategy="fsdp", num_gpus=2, cpu_offload=True))
+    assert offload.breakdown["base_weights"] == offload.breakdown["optimizer_states"] == 0
+    assert offload.cpu_offload_bytes == sum(fsdp[k] for k in ("base_weights", "unquantized_params", "lora_params",
+                                                                "lora_grads", "optimizer_states"))
+    assert offload.total < estimate(shape, Settings(seq_len=1024, strategy="fsdp", num_gpus=2)).total < \
+        estimate(shape, Settings(seq_len=1024)).total
+
+
+def test_estimate_command_takes_the_launch():
+    fsdp = json.loads(run_cli("estimate", "--recipe", "llama2-70b-fsdp-2x24gb", "--json").stdout)
+    assert fsdp["strategy"] == "fsdp" and fsdp["gpus"] == 2 and fsdp["cpu_offload_gib"] > 10
+    assert fsdp["total_gib"] < 23.6, "the two-card recipe is predicted to fit a 24 GB card"
+    ddp = json.loads(run_cli("estimate", "--model", "llama-3.1-8b", "--gpus", "4", "--json").stdout)
+    assert ddp["strategy"] == "ddp" and "ddp_grad_buckets" in ddp["breakdown_gib"]
+    bad = run_cli("estimate", "--model", "llama-3.1-8b", "--gpus", "2", "--strategy", "ddp", "--cpu-offload")
+    assert bad.returncode == 2 and "--cpu-offload is an FSDP option" in bad.stderr
+
+
 def test_estimate_json_has_the_contract_keys():
     result = run_cli("estimate", "--model", "llama-2-7b", "--rank", "8", "--seq-len", "2048", "--gpu-memory", "12", "--json")
     assert result.returncode == 0, result.stderr

@@ -20,11 +20,11 @@ def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
     _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
     if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None \
             and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        self.distributed_type = DistributedType.FSDP
         self.fsdp_plugin = fsdp_plugin
+        # Every later AcceleratorState() copies PartialState's fields over its own: change them at the source.
         # torch FSDP compares its compute device ("cpu") with the process's device: give it the plain one.
-        self.device = torch.device("cpu")
-        state.PartialState._shared_state["device"] = torch.device("cpu")
+        state.PartialState._shared_state.update(distributed_type=DistributedType.FSDP, device=torch.device("cpu"))
+        self.__dict__.update(state.PartialState._shared_state)
 
 
 state.AcceleratorState.__init__ = _init_with_fsdp_on_cpu
