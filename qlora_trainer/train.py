@@ -27,7 +27,7 @@ from qlora_trainer.exact_match import exact_match_accuracy
 from qlora_trainer.memory import estimate
 from qlora_trainer.memory_report import check_fits, fixes_that_fit, format_estimate, settings_from_recipe, shape_for_model
 from qlora_trainer.metrics import GIB, MetricsLogger, plot_loss, read_metrics
-from qlora_trainer.recipe import Recipe, dump_recipe
+from qlora_trainer.recipe import Recipe, dump_recipe, launch_command
 from qlora_trainer.safeguards import StopOnNonFinite, StopOnSignal
 from qlora_trainer.sft_trainer import qlora_sft_trainer
 from qlora_trainer.run_dir import CHECKPOINTS, SUMMARY, latest_checkpoint, prepare_run_dir, write_json_atomic, write_text_atomic
@@ -67,7 +67,18 @@ def describe_plan(recipe: Recipe, options: RunOptions, device: str, launch: Laun
         f"{t.lr_scheduler}, {t.optimizer}, checkpointing {'on' if t.gradient_checkpointing else 'off'}",
         f"  device    {device}, {launch.describe()}",
         f"  output    {options.output_dir}",
-    ] + [f"  WARNING   {warning}" for warning in _security_warnings(recipe)])
+    ] + [f"  NOTE      {note}" for note in _launch_notes(recipe, options, launch)]
+      + [f"  WARNING   {warning}" for warning in _security_warnings(recipe)])
+
+
+def _launch_notes(recipe: Recipe, options: RunOptions, launch: Launch) -> list[str]:
+    """Say so when the run is launched otherwise than the recipe was written for (the estimate follows the launch)."""
+    d = recipe.distributed
+    if (d.strategy, d.num_gpus, d.cpu_offload) == (launch.strategy, launch.world_size, launch.cpu_offload):
+        return []
+    written = "one GPU" if d.strategy == "single" else \
+        f"{d.strategy} on {d.num_gpus} GPUs{' with CPU offload' if d.cpu_offload else ''}"
+    return [f"this recipe is written for {written}: {launch_command(recipe, options.recipe_name)}"]
 
 
 def _batch_arithmetic(t, world_size: int) -> str:

@@ -273,3 +273,24 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_a_multi_gpu_recipe_started_on_one_process_says_how_to_launch_it():
+    from helpers import run_cli
+
+    result = run_cli("--recipe", "llama2-70b-fsdp-2x24gb", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "written for fsdp on 2 GPUs with CPU offload: accelerate launch --config_file" in result.stdout
+    assert "fsdp-qlora-offload.yaml --num_processes 2 -m qlora_trainer --recipe llama2-70b-fsdp-2x24gb" in result.stdout
+    assert "Memory estimate for llama-2-70b (peak GPU memory, as nvidia-smi shows it)\n" in result.stdout, \
+        "the estimate follows the actual launch: one process, the whole model"
+
+
+def test_a_global_batch_that_does_not_divide_between_the_processes_is_refused():
+    from qlora_trainer.recipe import load_recipe
+    from qlora_trainer.train import check_launch
+
+    recipe, _ = load_recipe("llama7b-r8", ["train.micro_batch_size=2", "train.global_batch_size=6"])
+    check_launch(recipe, distributed.Launch())
+    with pytest.raises(UserError, match=r"global_batch_size \(6\) must be a multiple of .*2 x 2.*multiple of 4"):
+        check_launch(recipe, distributed.Launch(world_size=2, strategy="ddp"))
