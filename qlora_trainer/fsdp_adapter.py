@@ -1,4 +1,4 @@
-"""The adapter under FSDP: gather it, save it, load it back into a sharded model.
+"""The adapter under FSDP: gather it, save it, load it and its optimizer state back into a sharded model.
 
 PEFT 0.21 picks an adapter's weights by module name, and under FSDP the module names carry FSDP's wrapper names
 in the middle (`..._fsdp_wrapped_module.lora_A...`), so PEFT's own save, and accelerate's sharded checkpoint of
@@ -55,3 +55,21 @@ def load_adapter_into(model, peft_model, names: list[str], directory: Path) -> N
         result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"adapter weights not in the model: {result.unexpected_keys[:3]}")
+
+
+def load_optimizer_state(model, optimizer, checkpoint: Path) -> None:
+    """Load the sharded optimizer state of a checkpoint (every process).
+
+    accelerate loads it into a copy of the optimizer's current state, which right after a resume has no
+    per-parameter entries yet (Adam creates them at its first step): the moments were silently left at zero.
+    torch's loader reads the layout from the checkpoint's own metadata instead.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+
+    with FullyShardedDataParallel.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        state = load_sharded_optimizer_state_dict(model_state_dict=model.state_dict(), optimizer_key="optimizer",
+                                                  storage_reader=dcp.FileSystemReader(str(checkpoint / "optimizer_0")))
+        flat = FullyShardedDataParallel.optim_state_dict_to_load(model, optimizer, state["optimizer"])
+    optimizer.load_state_dict(flat)

@@ -226,7 +226,9 @@ def per_gpu(breakdown: dict[str, int], shape: ModelShape, s: Settings) -> tuple[
         return terms, 0
     n = max(1, s.num_gpus)
     # accelerate's FSDP mixed precision keeps the trainable adapters (and so their gradients) in fp32.
-    upcast = {"lora_params": 4 / DTYPE_BYTES[s.lora_dtype], "lora_grads": 4 / DTYPE_BYTES[s.lora_dtype]}
+    # torch AdamW keeps its moments in the parameter's dtype, so they are fp32 too.
+    upcast = dict.fromkeys(["lora_params", "lora_grads"] + (["optimizer_states"] if s.optimizer == "adamw_torch" else []),
+                           4 / DTYPE_BYTES[s.lora_dtype])
     offloaded = 0
     for key in SHARDED_TERMS:
         share = math.ceil(breakdown[key] * upcast.get(key, 1) / n)

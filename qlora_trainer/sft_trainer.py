@@ -65,6 +65,11 @@ def qlora_sft_trainer():
                 if name in dtypes and param.dtype != dtypes[name]:
                     param.data = param.data.to(dtypes[name])
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint is not None and self.is_fsdp_enabled:
+                fsdp_adapter.load_optimizer_state(self.model, self.optimizer.optimizer, Path(checkpoint))
+
         @property
         def peft_model(self):
             return self.accelerator.unwrap_model(self.model)

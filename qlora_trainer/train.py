@@ -226,6 +226,10 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
         raise UserError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
                         f"x processes ({t.micro_batch_size} x {launch.world_size}); set it to a multiple of "
                         f"{t.micro_batch_size * launch.world_size}")
+    if launch.strategy == "fsdp" and t.optimizer != "adamw_torch":
+        raise UserError(f"train.optimizer {t.optimizer}: under FSDP a resumed run cannot restore a bitsandbytes "
+                        "optimizer's state (FSDP cannot reshard its nested state); use --set train.optimizer=adamw_torch "
+                        "(sharded across the GPUs, so its fp32 state costs little)")
     if launch.strategy == "fsdp" and os.environ.get("FSDP_VERSION", "1") != "1":
         raise UserError("FSDP2 (fsdp_version: 2) is not supported with 4-bit weights yet: use fsdp_version: 1, as in "
                         "recipes/accelerate/fsdp-qlora.yaml")
