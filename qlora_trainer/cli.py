@@ -181,9 +181,11 @@ def _launch_settings(settings, args):
         if settings.strategy not in ("single", "fsdp") or args.strategy not in (None, "fsdp"):
             raise UserError("--cpu-offload is an FSDP option: use it with --strategy fsdp")
         settings = dataclasses.replace(settings, strategy="fsdp", cpu_offload=True)
-    if settings.strategy == "single" and settings.num_gpus > 1:
-        if args.strategy == "single":
+    if args.strategy == "single":
+        if (args.gpus or 1) > 1:
             raise UserError("--strategy single runs on one GPU: drop --gpus or choose --strategy ddp or fsdp")
+        settings = dataclasses.replace(settings, num_gpus=1)
+    if settings.strategy == "single" and settings.num_gpus > 1:
         settings = dataclasses.replace(settings, strategy="ddp")
     if settings.strategy != "fsdp":
         settings = dataclasses.replace(settings, cpu_offload=False)

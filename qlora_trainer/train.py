@@ -72,12 +72,13 @@ def describe_plan(recipe: Recipe, options: RunOptions, device: str, launch: Laun
 
 
 def _launch_notes(recipe: Recipe, options: RunOptions, launch: Launch) -> list[str]:
-    """Say so when the run is launched otherwise than the recipe was written for (the estimate follows the launch)."""
+    """Say so when a multi-GPU recipe is launched otherwise than it was written for (the estimate follows the
+    launch). Any recipe may run under DDP: that needs no note."""
     d = recipe.distributed
-    if (d.strategy, d.num_gpus, d.cpu_offload) == (launch.strategy, launch.world_size, launch.cpu_offload):
+    if d.strategy == "single" or (d.strategy, d.num_gpus, d.cpu_offload) == (launch.strategy, launch.world_size,
+                                                                           launch.cpu_offload):
         return []
-    written = "one GPU" if d.strategy == "single" else \
-        f"{d.strategy} on {d.num_gpus} GPUs{' with CPU offload' if d.cpu_offload else ''}"
+    written = f"{d.strategy} on {d.num_gpus} GPUs{' with CPU offload' if d.cpu_offload else ''}"
     return [f"this recipe is written for {written}: {launch_command(recipe, options.recipe_name)}"]
 
 
