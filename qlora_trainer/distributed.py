@@ -77,17 +77,15 @@ def start(launch: Launch, device: str) -> None:
     PartialState(cpu=device == "cpu")
 
 
-def _gather(value: Any, launch: Launch) -> list[Any]:
+def gather(value: Any, launch: Launch) -> list[Any]:
+    """Every process's `value`, in rank order (just [value] in a single process)."""
+    if not launch.distributed:
+        return [value]
     import torch.distributed as dist
 
     gathered: list[Any] = [None] * launch.world_size
     dist.all_gather_object(gathered, value)
     return gathered
-
-
-def gather(value: Any, launch: Launch) -> list[Any]:
-    """Every process's `value`, in rank order (just [value] in a single process)."""
-    return _gather(value, launch) if launch.distributed else [value]
 
 
 def any_process(flag: bool, device) -> bool:
@@ -140,7 +138,7 @@ def on_main(fn: Callable[[], Any], launch: Launch) -> Any:
             result = fn()
         except (UserError, TrainingFailed) as err:
             error = err
-    results = _gather((result, error), launch)
+    results = gather((result, error), launch)
     raise_first([err for _, err in results])
     return results[0][0]
 

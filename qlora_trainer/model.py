@@ -93,11 +93,6 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, device: str
                         "check the hub id and network, or pass a local copy with --set model.name_or_path=/path") from None
 
 
-def unwrap(trainer):
-    """The PEFT model inside whatever DDP or FSDP wrapped around it."""
-    return trainer.accelerator.unwrap_model(trainer.model)
-
-
 def load_tokenizer(model: ModelSection):
     from transformers import AutoTokenizer
 

@@ -72,6 +72,7 @@ def qlora_sft_trainer():
 
         @property
         def peft_model(self):
+            """The PEFT model inside whatever DDP or FSDP wrapped around it."""
             return self.accelerator.unwrap_model(self.model)
 
         def save_adapter(self, directory: Path) -> None:

@@ -137,7 +137,7 @@ def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> 
     outcome.memory = distributed.gather(_peak_memory(predicted, context_bytes), launch)
     # DDP keeps the copies identical; a difference would mean the processes trained apart. FSDP holds shards.
     if launch.strategy != "fsdp":
-        outcome.checksums = distributed.gather(model_lib.adapter_checksum(model_lib.unwrap(trainer)), launch)
+        outcome.checksums = distributed.gather(model_lib.adapter_checksum(trainer.peft_model), launch)
     if outcome.checksums and len(set(outcome.checksums)) > 1:
         print(f"WARNING: the processes ended with different adapters ({outcome.checksums}); the main process's is saved")
 
@@ -400,7 +400,7 @@ def _exact_match(recipe: Recipe, trainer, tokenizer, data, launch: Launch, when:
     rows = data.eval.select(range(min(recipe.eval.max_samples, len(data.eval))))
     share = rows.shard(num_shards=launch.world_size, index=launch.rank, contiguous=True)
     parts = distributed.gather(
-        exact_match_accuracy(model_lib.unwrap(trainer), tokenizer, share, len(share), recipe.eval.max_new_tokens), launch)
+        exact_match_accuracy(trainer.peft_model, tokenizer, share, len(share), recipe.eval.max_new_tokens), launch)
     result = combine_exact_match(parts)
     print(f"Held-out exact match {when}: {result['accuracy']:.1%} ({result['correct']}/{result['total']})", flush=True)
     return result
