@@ -77,6 +77,17 @@ def start(launch: Launch, device: str) -> None:
     PartialState(cpu=device == "cpu")
 
 
+def finish(launch: Launch) -> None:
+    """Leave the process group together once the run is done. A process that exits with the group's threads still
+    running can abort in the interpreter's teardown ("terminate called without an active exception"), turning a
+    finished run into a failed launch."""
+    import torch.distributed as dist
+
+    if launch.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def gather(value: Any, launch: Launch) -> list[Any]:
     """Every process's `value`, in rank order (just [value] in a single process)."""
     if not launch.distributed:

@@ -105,7 +105,9 @@ def train(recipe: Recipe, options: RunOptions) -> dict | None:
     # Each process computed its own default run directory name from the clock: use the main process's.
     options = dataclasses.replace(options, output_dir=distributed.on_main(lambda: options.output_dir, launch))
     with distributed.main_prints_only(launch):
-        return _train(recipe, options, launch, device)
+        summary = _train(recipe, options, launch, device)
+    distributed.finish(launch)
+    return summary
 
 
 def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> dict | None:
