@@ -86,7 +86,12 @@ class Settings:
     batch_size: int = 1
     optimizer: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # the implementation transformers will use (resolved, never "auto")
+    # Speed levers (issue 12), always resolved values here, never "auto":
+    activation_offloading: bool = False  # TRL's activation offloading: saved tensors go to pinned CPU memory
+    kernels: str = "none"  # "liger": liger-kernel's RMSNorm, RoPE and SwiGLU/GeGLU; "none": transformers' own
+    padding_free: bool = False  # a micro-batch's rows concatenated into one row (position_ids keep them apart)
+    packing: bool = False  # rows packed into full seq_len sequences (implies padding_free in TRL)
     strategy: str = "single"  # single | ddp | fsdp: the estimate is per GPU
     num_gpus: int = 1
     cpu_offload: bool = False  # FSDP only: sharded parameters, gradients and optimizer state live in CPU RAM
