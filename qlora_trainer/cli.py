@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
     train.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
     train.add_argument("--force", action="store_true", help="run even where the run is predicted not to fit")
+    train.add_argument("--gpu-memory", type=float, metavar="GIB",
+                       help="cap this process's GPU memory at GIB and plan the auto settings for it (train.gpu_memory_gib)")
 
     est = sub.add_parser("estimate", help="predict the peak GPU memory of a run before loading anything")
     source = est.add_mutually_exclusive_group(required=True)
@@ -115,8 +117,8 @@ def _train(args) -> int:
     name = path.parent.name if path.name == "recipe.yaml" else path.stem  # a run's saved recipe: name it after the run
     if args.resume and args.output_dir is None:
         raise UserError("--resume needs --output-dir: the run directory to continue")
-    options = RunOptions(recipe_name=name, output_dir=args.output_dir or default_run_dir(name),
-                         resume=args.resume, dry_run=args.dry_run, force=args.force)
+    options = RunOptions(recipe_name=name, output_dir=args.output_dir or default_run_dir(name), resume=args.resume,
+                         dry_run=args.dry_run, force=args.force, gpu_memory=_gib_flag(args.gpu_memory))
     train(recipe, options)
     return EXIT_OK
 
@@ -125,6 +127,7 @@ def _estimate(args) -> int:
     import dataclasses
     import json
 
+    from qlora_trainer import auto_settings
     from qlora_trainer import memory_report as report
     from qlora_trainer.memory import Settings, estimate
     from qlora_trainer.recipe import load_recipe
@@ -135,12 +138,14 @@ def _estimate(args) -> int:
         print("Trainable share of all parameters, LoRA on all linear layers (exact per architecture)")
         print(report.rank_table())
         return EXIT_OK
-    global_batch = 16
+    global_batch, chosen = 16, None
+    gpu_memory = _gib_flag(args.gpu_memory)
     if args.recipe:
         recipe, _ = load_recipe(args.recipe, args.overrides)
         shape = report.shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
+        recipe, chosen = _planned(recipe, shape, gpu_memory)
         settings = report.settings_from_recipe(recipe)
-        global_batch = recipe.train.micro_batch_size * recipe.train.accumulation_steps()
+        global_batch = recipe.train.global_batch()
     else:
         shape = report.shape_for_model(args.model) if args.model else report.shape_for_size(args.model_size)
         settings = Settings()
@@ -153,22 +158,47 @@ def _estimate(args) -> int:
     for flag, value in (("--rank", settings.rank), ("--seq-len", settings.seq_len), ("--batch-size", settings.batch_size)):
         if value <= 0:
             raise UserError(f"{flag} must be a positive integer (got {value})")
-    if args.fit and args.gpu_memory is None:
+    if args.fit and gpu_memory is None:
         raise UserError("--fit needs --gpu-memory GIB: the memory to fit into")
     est = estimate(shape, settings)
-    result = est.to_json(args.gpu_memory)
+    changed = args.no_gradient_checkpointing or any(v is not None for v in changes.values())
+    if chosen is not None and not changed:
+        result = auto_settings.estimate_json(est, chosen)
+    else:  # flags overrode what the plan chose: the estimate is for the flags
+        result, chosen = est.to_json(gpu_memory), None
     if args.fit:
-        result["fit"] = report.fit(shape, settings, args.gpu_memory, global_batch)
+        result["fit"] = report.fit(shape, settings, gpu_memory, global_batch)
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
-    print(report.format_estimate(est, args.gpu_memory))
+    print(report.format_estimate(est, gpu_memory))
+    if chosen is not None and chosen.chosen:
+        print(f"  auto ({', '.join(chosen.chosen)}): {chosen.describe()}")
     if args.fit:
         found = result["fit"]
-        print(f"Largest that fits {args.gpu_memory:g} GiB: seq_len {found['seq_len']}, micro-batch {found['micro_batch_size']} "
+        print(f"Largest that fits {gpu_memory:g} GiB: seq_len {found['seq_len']}, micro-batch {found['micro_batch_size']} "
               f"x accumulation {found['gradient_accumulation_steps']} ({found['total_gib']:.2f} GiB)"
-              if found["fits"] else f"Nothing fits {args.gpu_memory:g} GiB: {found['reason']}")
+              if found["fits"] else f"Nothing fits {gpu_memory:g} GiB: {found['reason']}")
     return EXIT_OK
+
+
+def _planned(recipe, shape, gpu_memory: float | None):
+    """The recipe with its `auto` settings settled for a GPU of `gpu_memory` GiB (the defaults without one)."""
+    from qlora_trainer.auto_settings import Budget, apply_plan, plan
+
+    budget = Budget(gpu_memory, f"--gpu-memory {gpu_memory:g}") if gpu_memory is not None else Budget(
+        None, "no --gpu-memory given: the defaults; pass --gpu-memory GIB to choose")
+    chosen = plan(recipe, shape, budget, on_gpu=True)
+    return apply_plan(recipe, chosen), chosen
+
+
+def _gib_flag(value: float | None) -> float | None:
+    """--gpu-memory: a finite, positive number of GiB."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise UserError(f"--gpu-memory must be a positive number of GiB, e.g. --gpu-memory 24 (got {value})")
+    return value
 
 
 def _launch_settings(settings, args):
@@ -230,7 +260,8 @@ def _recipes(args) -> int:
     rows, launches = [], []
     for name in shipped_recipe_names():
         recipe, _ = load_recipe(name)
-        est = estimate(shape_for_model(recipe.model.name_or_path), settings_from_recipe(recipe))
+        shape = shape_for_model(recipe.model.name_or_path)
+        est = estimate(shape, settings_from_recipe(_planned(recipe, shape, None)[0]))
         d = recipe.distributed
         gpus = "1" if d.strategy == "single" else f"{d.num_gpus} {d.strategy}{'+offload' if d.cpu_offload else ''}"
         rows.append((name, recipe.model.name_or_path, f"{est.total / GIB:5.1f} GiB", gpus, recipe.description))

@@ -9,7 +9,7 @@ from pathlib import Path
 from qlora_trainer.architectures import DEFAULT_FOR_SIZE, architecture_for, known_architectures, load_architecture
 from qlora_trainer.errors import UserError, WontFitError
 from qlora_trainer.memory import CALIBRATED, GIB, Estimate, ModelShape, Settings, estimate, model_shape
-from qlora_trainer.recipe import Recipe
+from qlora_trainer.recipe import AUTO, PLANNED_KEYS, Recipe
 
 TABLE_RANKS = (1, 2, 4, 8, 16, 64, 256, 1024)
 TABLE_MODELS = ("llama-2-7b", "mistral-7b", "llama-3.1-8b", "qwen2.5-7b", "llama-2-13b", "qwen2.5-14b", "llama-2-70b")
@@ -59,6 +59,9 @@ def settings_from_recipe(recipe: Recipe, launch=None) -> Settings:
         strategy, gpus, offload = d.strategy, d.num_gpus, d.cpu_offload
     else:
         strategy, gpus, offload = launch.strategy, launch.world_size, launch.cpu_offload
+    unsettled = [key for key in PLANNED_KEYS + ("kernels",) if getattr(train, key) == AUTO]
+    if unsettled:
+        raise RuntimeError(f"train.{', train.'.join(unsettled)} still auto: auto_settings.plan() settles them first")
     return Settings(
         rank=lora.r, target_modules=lora.target_modules, lora_dropout=lora.dropout, use_dora=lora.use_dora,
         lora_dtype=lora.dtype, compute_dtype=recipe.quantization.compute_dtype,
@@ -66,6 +69,10 @@ def settings_from_recipe(recipe: Recipe, launch=None) -> Settings:
         optimizer=train.optimizer, gradient_checkpointing=train.gradient_checkpointing,
         attn_implementation=recipe.model.attn_implementation,
         strategy=strategy, num_gpus=gpus, cpu_offload=offload,
+        activation_offloading=train.activation_offloading, kernels=train.kernels,
+        # `auto` packing is settled once the rows are measured; the worst case, a micro-batch of full seq_len
+        # sequences, costs the same memory packed or not (eager attention, where it would not, never packs).
+        padding_free=train.padding_free is True, packing=train.packing is True,
     )
 
 
@@ -140,11 +147,11 @@ def fixes_that_fit(shape: ModelShape, settings: Settings, limit_gib: float) -> l
     return found[:3]
 
 
-def check_fits(est: Estimate, shape: ModelShape, free_gib: float, force: bool) -> None:
-    """`free_gib` is read after the CUDA context exists, so the context is not counted twice."""
-    if (est.total - est.breakdown["cuda_context"]) / GIB <= free_gib or force:
+def check_fits(est: Estimate, shape: ModelShape, budget_gib: float, budget_source: str, force: bool) -> None:
+    """Stop before loading when the estimate exceeds the budget (nvidia-smi terms, the CUDA context included)."""
+    if est.total / GIB <= budget_gib or force:
         return
-    fixes = fixes_that_fit(shape, est.settings, free_gib)
+    fixes = fixes_that_fit(shape, est.settings, budget_gib)
     hint = "; try " + ", or ".join(fixes) if fixes else "; use a smaller model or a larger GPU"
-    raise WontFitError(f"estimated peak {est.total / GIB:.1f} GiB exceeds the {free_gib:.1f} GiB free on this GPU{hint} "
-                       "(or --force to try anyway)")
+    raise WontFitError(f"estimated peak {est.total / GIB:.1f} GiB exceeds the {budget_gib:.1f} GiB budget "
+                       f"({budget_source}){hint} (or --force to try anyway)")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora_trainer.errors import UserError
 
@@ -94,13 +94,24 @@ class DataSection(_Section):
 COLUMN_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "text")
 
 
+AUTO = "auto"
+# Keys whose `auto` the memory planner (auto_settings.py) settles for the GPU in front of the run.
+PLANNED_KEYS = ("micro_batch_size", "gradient_checkpointing", "activation_offloading")
+
+
 class TrainSection(_Section):
     seq_len: int = Field(2048, gt=0, description="Longest sequence in tokens; longer rows are truncated.")
-    micro_batch_size: int = Field(1, gt=0, description="Sequences per forward pass on one device.")
+    micro_batch_size: int | Literal["auto"] = Field(
+        AUTO, description="Sequences per forward pass on one device; `auto`: the largest that fits the GPU's memory "
+        "(1 on the CPU or without a known budget)."
+    )
     global_batch_size: int | None = Field(
         None, gt=0, description="Sequences per optimizer step; gradient accumulation is derived from it when set."
     )
-    gradient_accumulation_steps: int = Field(16, gt=0, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = Field(
+        16, gt=0, description="Micro-batches per optimizer step when global_batch_size is unset (with an `auto` "
+        "micro-batch, the global batch is then this many sequences)."
+    )
     max_steps: int = Field(-1, description="Optimizer steps; -1 trains for `epochs` instead.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1.")
     learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
@@ -111,11 +122,34 @@ class TrainSection(_Section):
     optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_torch"] = Field(
         "paged_adamw_8bit", description="Optimizer; paged ones spill state to CPU RAM instead of failing on spikes."
     )
-    packing: bool = Field(False, description="Pack several rows into each seq_len sequence (TRL best-fit packing, no cross-row attention).")
-    padding_free: bool = Field(
-        False, description="Concatenate a batch's rows without padding (implied by packing); needs data.overlong: drop without packing."
+    packing: bool | Literal["auto"] = Field(
+        AUTO, description="Pack several rows into each seq_len sequence (TRL best-fit packing, no cross-row attention); "
+        "`auto`: on a GPU when the rows average at most half of seq_len, off on the CPU."
     )
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: much less memory, ~30% slower.")
+    padding_free: bool | Literal["auto"] = Field(
+        AUTO, description="Concatenate a batch's rows without padding (implied by packing); needs data.overlong: drop "
+        "without packing; `auto`: with packing on a GPU."
+    )
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        AUTO, description="Recompute activations in backward: much less memory, ~30% slower; `auto`: off where the "
+        "GPU has room (on on the CPU or without a known budget)."
+    )
+    activation_offloading: bool | Literal["auto"] = Field(
+        AUTO, description="Move saved activations to CPU RAM during forward (TRL, CUDA only): ~24% less memory at "
+        "micro-batch 4 for ~0.5% speed; `auto`: on only where nothing fits without it."
+    )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        AUTO, description="liger: liger-kernel's fused RMSNorm, RoPE and SwiGLU/GeGLU (CUDA only); `auto`: liger on a "
+        "CUDA GPU for the model types liger supports, none elsewhere. TRL's fused LM head is kept either way."
+    )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer as one region (CUDA only); off until the speed benchmark "
+        "shows a gain on your GPU."
+    )
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Cap this process's GPU memory at N GiB (as nvidia-smi counts it) "
+        "and plan the `auto` settings for N: proves an 8, 12 or 24 GB card on a bigger one. Default: the free memory."
+    )
     logging_steps: int = Field(10, gt=0, description="Log loss and speed every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (default: at logging_steps x 10).")
     save_steps: int = Field(100, gt=0, description="Checkpoint every N steps.")
@@ -125,14 +159,42 @@ class TrainSection(_Section):
         "auto", description="`cuda` stops with a message on a machine without a CUDA GPU instead of crawling on CPU."
     )
 
+    @field_validator("micro_batch_size", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value, info):
+        if value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"train.{info.field_name} must be a positive integer or auto (got {value!r})")
+
+    @field_validator("packing", "padding_free", "gradient_checkpointing", "activation_offloading", mode="before")
+    @classmethod
+    def _bool_or_auto(cls, value, info):
+        if value == AUTO or isinstance(value, bool):
+            return value
+        raise ValueError(f"train.{info.field_name} must be true, false or auto (got {value!r})")
+
+    def global_batch(self, world_size: int = 1) -> int:
+        """Sequences per optimizer step over all processes; with an `auto` micro-batch it is fixed before the
+        micro-batch is chosen, so that choosing never changes what one step trains on."""
+        if self.global_batch_size is not None:
+            return self.global_batch_size
+        micro = 1 if self.micro_batch_size == AUTO else self.micro_batch_size
+        return micro * self.gradient_accumulation_steps * world_size
+
     def accumulation_steps(self, world_size: int = 1) -> int:
+        if self.micro_batch_size == AUTO:
+            raise RuntimeError("train.micro_batch_size is still auto: auto_settings.plan() settles it first")
         if self.global_batch_size is None:
             return self.gradient_accumulation_steps
         return self.global_batch_size // (self.micro_batch_size * world_size)
 
+    def unresolved(self) -> list[str]:
+        return [key for key in PLANNED_KEYS + ("packing", "padding_free", "kernels") if getattr(self, key) == AUTO]
+
     @model_validator(mode="after")
     def _global_batch_divides(self) -> TrainSection:
-        if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
+        if (self.global_batch_size is not None and self.micro_batch_size != AUTO
+                and self.global_batch_size % self.micro_batch_size):
             raise ValueError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({self.micro_batch_size})"
@@ -194,7 +256,7 @@ class Recipe(_Section):
     def _sections_agree(self) -> Recipe:
         if self.eval.exact_match and self.data.eval_path is None and self.data.eval_fraction == 0:
             raise ValueError("eval.exact_match needs eval rows: set data.eval_path or data.eval_fraction")
-        if self.train.padding_free and not self.train.packing and self.data.overlong != "drop":
+        if self.train.padding_free is True and self.train.packing is not True and self.data.overlong != "drop":
             raise ValueError("train.padding_free without train.packing needs data.overlong: drop (TRL cannot truncate "
                              "padding-free batches); or set train.packing: true")
         return self

@@ -41,7 +41,8 @@ def _fit_split(rows, split: str, data: Data, section: DataSection, tokenizer, se
     no_loss = {i for i in overlong if lengths[i][1] >= seq_len}
     dropped = set(overlong) if section.overlong == "drop" else no_loss
     data.stats.update({f"{split}_overlong_rows": len(overlong), f"{split}_truncated_rows": len(overlong) - len(dropped),
-                       f"{split}_dropped_rows": len(dropped), f"{split}_longest_tokens": max(t for t, _ in lengths)})
+                       f"{split}_dropped_rows": len(dropped), f"{split}_longest_tokens": max(t for t, _ in lengths),
+                       f"{split}_mean_tokens": round(sum(min(t, seq_len) for t, _ in lengths) / len(lengths), 1)})
     if overlong:
         longest = max(lengths[i][0] for i in overlong)
         truncated = len(overlong) - len(dropped)

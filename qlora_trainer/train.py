@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_trainer import distributed
+from qlora_trainer import auto_settings, distributed, gpu_budget, speed_levers
 from qlora_trainer import model as model_lib
 from qlora_trainer.distributed import Launch
 from qlora_trainer.data import check_data_path, load_data
@@ -40,6 +40,7 @@ class RunOptions:
     resume: bool = False
     dry_run: bool = False
     force: bool = False
+    gpu_memory: float | None = None  # --gpu-memory: caps the GPU memory and plans for it, as train.gpu_memory_gib
 
 
 def pick_device(recipe: Recipe) -> str:
@@ -52,7 +53,8 @@ def check_device(recipe: Recipe, device: str, force: bool) -> None:
                            "on the CPU; run on a GPU machine (or add --force to train on the CPU anyway)")
 
 
-def describe_plan(recipe: Recipe, options: RunOptions, device: str, launch: Launch = Launch()) -> str:
+def describe_plan(recipe: Recipe, options: RunOptions, device: str, launch: Launch = Launch(),
+                  chosen: auto_settings.Plan | None = None) -> str:
     t, lora, q = recipe.train, recipe.lora, recipe.quantization
     length = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epoch(s)"
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
@@ -64,7 +66,9 @@ def describe_plan(recipe: Recipe, options: RunOptions, device: str, launch: Laun
         f"  lora      r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {targets}{extras}, {lora.dtype} adapters",
         f"  data      {data}, format {recipe.data.format}",
         f"  training  {length}, {_batch_arithmetic(t, launch.world_size)} sequences/step, seq_len {t.seq_len}, lr {t.learning_rate:g} "
-        f"{t.lr_scheduler}, {t.optimizer}, checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+        f"{t.lr_scheduler}, {t.optimizer}",
+        f"  speed     {_levers(t)}",
+    ] + ([f"  auto      {chosen.describe()}"] if chosen is not None and chosen.chosen else []) + [
         f"  device    {device}, {launch.describe()}",
         f"  output    {options.output_dir}",
     ] + [f"  NOTE      {note}" for note in _launch_notes(recipe, options, launch)]
@@ -80,6 +84,14 @@ def _launch_notes(recipe: Recipe, options: RunOptions, launch: Launch) -> list[s
         return []
     written = f"{d.strategy} on {d.num_gpus} GPUs{' with CPU offload' if d.cpu_offload else ''}"
     return [f"this recipe is written for {written}: {launch_command(recipe, options.recipe_name)}"]
+
+
+def _levers(t) -> str:
+    def on(flag) -> str:
+        return "auto" if flag == "auto" else "on" if flag else "off"
+
+    return (f"checkpointing {on(t.gradient_checkpointing)}, activation offloading {on(t.activation_offloading)}, "
+            f"kernels {t.kernels}, compile {on(t.compile)}, packing {on(t.packing)}, padding-free {on(t.padding_free)}")
 
 
 def _batch_arithmetic(t, world_size: int) -> str:
@@ -115,14 +127,15 @@ def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> 
         prepared = _prepare(recipe, options, launch, device)
     if prepared is None:
         return None
-    shape, predicted, gpu_free_gib, data, tokenizer = prepared
-    run, checkpoint = distributed.on_main(lambda: _open_run_dir(recipe, options, predicted.to_json(gpu_free_gib)), launch)
+    recipe, shape, predicted, chosen, data, tokenizer = prepared
+    estimate_json = auto_settings.estimate_json(predicted, chosen)
+    run, checkpoint = distributed.on_main(lambda: _open_run_dir(recipe, options, estimate_json, chosen), launch)
     context_bytes = _cuda_context_bytes() if device == "cuda" else None
 
     torch.manual_seed(recipe.train.seed)
     guards = (StopOnSignal(), StopOnNonFinite())
     trainer = _build_or_clean_up(recipe, options, launch, tokenizer, data, run, device, guards)
-    outcome = Outcome(report=model_lib.parameter_report(trainer.model))
+    outcome = Outcome(report=model_lib.parameter_report(trainer.model), plan=chosen)
     print(model_lib.format_parameter_report(outcome.report), flush=True)
 
     outcome.before = _exact_match(recipe, trainer, tokenizer, data, launch, "before training")
@@ -150,29 +163,51 @@ def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> 
 
 
 def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
-    """Everything that can fail on bad input, before the run directory exists: plan, estimate, data, tokenizer."""
-    check_launch(recipe, launch)
-    print(describe_plan(recipe, options, device, launch), flush=True)
+    """Everything that can fail on bad input, before the run directory exists: plan, estimate, data, tokenizer.
+    Returns the recipe with its `auto` settings settled, which is what the run trains with and saves."""
     model_lib.resolve_model_path(recipe.model)  # a missing local model is named before anything else
     shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    recipe, chosen = _settle_auto(recipe, options, launch, device, shape)
+    check_launch(recipe, launch)
+    print(describe_plan(recipe, options, device, launch, chosen), flush=True)
     predicted = estimate(shape, settings_from_recipe(recipe, launch))
-    gpu_free_gib = _free_gpu_gib() if device == "cuda" else None
-    print(format_estimate(predicted, gpu_free_gib), flush=True)
+    print(format_estimate(predicted, chosen.budget.gib), flush=True)
     check_data_path(recipe.data)
     if options.dry_run:
         print("Dry run: recipe and data paths are valid; stopping before loading weights.")
         return None
     check_device(recipe, device, options.force)
-    if gpu_free_gib is not None:
-        check_fits(predicted, shape, gpu_free_gib, options.force)
+    speed_levers.check_levers(recipe.train, device)
+    if device == "cuda":
+        check_fits(predicted, shape, chosen.budget.gib, chosen.budget.source, options.force)
+        if recipe.train.gpu_memory_gib is not None:
+            gpu_budget.apply_cap(recipe.train.gpu_memory_gib)
 
     data = load_data(recipe.data, recipe.train.seed)  # before the run directory: bad data leaves nothing behind
     if recipe.eval.exact_match and not isinstance(data.eval[0].get("prompt"), str):
         raise UserError(f"eval.exact_match needs text prompt/completion rows (or alpaca); {data.source} is {data.format}")
     tokenizer = model_lib.load_tokenizer(recipe.model)
     data = fit_to_tokenizer(data, recipe.data, tokenizer, recipe.train.seq_len, recipe.model.name_or_path)
+    recipe, notes = auto_settings.settle_packing(recipe, data.stats["train_mean_tokens"], device == "cuda",
+                                                 recipe.model.attn_implementation)
+    data.notes += notes
     print(describe_data(data), flush=True)
-    return shape, predicted, gpu_free_gib, data, tokenizer
+    predicted = estimate(shape, settings_from_recipe(recipe, launch))
+    return recipe, shape, predicted, chosen, data, tokenizer
+
+
+def _settle_auto(recipe: Recipe, options: RunOptions, launch: Launch, device: str, shape):
+    """Plan the `auto` settings for this GPU: under the cap (--gpu-memory, else train.gpu_memory_gib) or the free
+    memory. A dry run on a machine without a GPU plans for the GPU the recipe is written for."""
+    if options.gpu_memory is not None:
+        recipe = auto_settings.settle(recipe, gpu_memory_gib=options.gpu_memory)
+    cap = recipe.train.gpu_memory_gib
+    source = f"--gpu-memory {cap:g}" if options.gpu_memory is not None else f"train.gpu_memory_gib {cap:g}" if cap else ""
+    on_gpu = device == "cuda" or (options.dry_run and (cap is not None or recipe.train.device == "cuda"))
+    budget = gpu_budget.run_budget(cap, source, device) if on_gpu else auto_settings.Budget(
+        None, "training on the CPU: micro-batch 1, checkpointing on, no offloading")
+    chosen = auto_settings.plan(recipe, shape, budget, on_gpu, launch)
+    return auto_settings.apply_plan(recipe, chosen), chosen
 
 
 def _build_or_clean_up(recipe, options, launch, tokenizer, data, run, device, guards):
@@ -195,6 +230,7 @@ class Outcome:
     """What a run measured, for summary.json: the same in every process but `memory` and `checksums`, gathered."""
 
     report: dict
+    plan: auto_settings.Plan | None = None  # what the `auto` settings were settled to, and why
     before: dict | None = None
     after: dict | None = None
     result: object = None
@@ -294,7 +330,8 @@ def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted,
     return result
 
 
-def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict) -> tuple[Path, Path | None]:
+def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict,
+                  chosen: auto_settings.Plan) -> tuple[Path, Path | None]:
     """Create the run directory with the resolved recipe and the estimate; find the checkpoint to resume."""
     run = prepare_run_dir(options.output_dir, options.resume)
     if options.resume:
@@ -302,7 +339,10 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict) -> t
     checkpoint = latest_checkpoint(run) if options.resume else None
     if options.resume and checkpoint is None:
         print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")
-    write_text_atomic(run / "recipe.yaml", f"# python -m qlora_trainer --recipe {run / 'recipe.yaml'}\n" + dump_recipe(recipe))
+    header = f"# python -m qlora_trainer --recipe {run / 'recipe.yaml'}\n"
+    if chosen.chosen:  # the saved values are concrete, so that a resume trains exactly as the run started
+        header += f"# auto settings ({', '.join(chosen.chosen)}) were settled to: {chosen.describe()}\n"
+    write_text_atomic(run / "recipe.yaml", header + dump_recipe(recipe))
     write_json_atomic(run / "estimate.json", estimate_json)
     if options.resume:  # the steps after the checkpoint will be logged again: drop their first rows
         resumed_at = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
@@ -313,6 +353,7 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict) -> t
 
 def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str, launch: Launch = Launch(),
                   callbacks: tuple = ()):
+    speed_levers.apply_kernels(model, recipe.train.kernels)  # before PEFT wraps the projections the kernels call
     trainer = qlora_sft_trainer()(
         model=model,
         args=sft_config(recipe, run, device, has_eval=data.eval is not None, launch=launch),
@@ -328,6 +369,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str
 
         # Each LoRA layer in its own FSDP unit: a flat parameter then holds only trainable or only frozen weights.
         trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+    if recipe.train.compile:
+        speed_levers.compile_decoder_layers(trainer.model)
     return trainer
 
 
@@ -355,6 +398,7 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: L
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
         activation_checkpointing=t.gradient_checkpointing,
+        activation_offloading=t.activation_offloading,
         # Non-reentrant checkpointing works with frozen inputs and is what PyTorch recommends. Under FSDP, whose
         # mixed precision keeps the adapters in fp32, its recomputation check fails after a sharded checkpoint
         # save (fp32 saved, bf16 recomputed): the reentrant variant, as PEFT's FSDP-QLoRA recipe uses.
@@ -414,11 +458,6 @@ def combine_exact_match(parts: list[dict]) -> dict:
     return {"accuracy": correct / total, "correct": correct, "total": total, "examples": examples}
 
 
-def _free_gpu_gib() -> float:
-    free, _ = torch.cuda.mem_get_info()
-    return free / GIB
-
-
 def _cuda_context_bytes() -> int:
     """GPU memory in use outside PyTorch's allocator before loading: this process's CUDA context (and, on a shared
     GPU, other processes' memory, which nvidia-smi would count against the card too)."""
@@ -470,6 +509,10 @@ def _summary(recipe, options, trainer, outcome: Outcome, rows, data, launch) -> 
         "exact_match_before": outcome.before and outcome.before["accuracy"],
         "exact_match_after": outcome.after and outcome.after["accuracy"],
         "exact_match_examples": outcome.after and outcome.after["examples"],
+        "auto_settings": outcome.plan.to_json() if outcome.plan else None,
+        "levers": {k: getattr(recipe.train, k) for k in ("micro_batch_size", "gradient_checkpointing",
+                                                         "activation_offloading", "kernels", "compile", "packing",
+                                                         "padding_free", "gpu_memory_gib")},
         "peak_memory_gib": memory[0],  # the main process's GPU
         "peak_memory_gib_per_process": memory,
         "adapter_sha256_per_process": outcome.checksums,

@@ -96,7 +96,9 @@ def measure(cfg: dict, device: str, steps: int, workdir: Path, overrides: dict) 
         "data": {"path": str(data_path), "format": "text"},
         "train": {"seq_len": cfg["seq_len"], "micro_batch_size": cfg["batch_size"], "gradient_accumulation_steps": 1,
                   "max_steps": steps, "gradient_checkpointing": cfg["checkpointing"], "save_steps": 10**6,
-                  "logging_steps": 1},
+                  "logging_steps": 1,
+                  # The configuration exactly as given: no lever switches itself on.
+                  "activation_offloading": False, "kernels": "none", "packing": False, "padding_free": False},
     }, source="measure_vram")
     predicted = estimate(shape_for_model(str(weights)), settings_from_recipe(recipe))
     context = 0

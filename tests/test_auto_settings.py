@@ -1,0 +1,240 @@
+"""The `auto` training settings: the planner's choice for a GPU budget, the kernels and packing rules, the memory
+cap's validation, and the three places that report the same choice (estimate --json, --dry-run, summary.json)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import REPO
+
+from qlora_trainer import auto_settings, cli
+from qlora_trainer.auto_settings import Budget, plan, relative_time_per_token, settle, settle_packing
+from qlora_trainer.errors import UserError
+from qlora_trainer.memory import GIB, estimate
+from qlora_trainer.memory_report import settings_from_recipe, shape_for_model
+from qlora_trainer.recipe import load_recipe
+
+BUDGETS = (8, 12, 24, 80)
+
+
+def _recipe(name: str, *overrides: str):
+    recipe, _ = load_recipe(name, list(overrides))
+    return recipe, shape_for_model(recipe.model.name_or_path)
+
+
+@pytest.mark.parametrize("name", ["llama7b-r8", "llama3-8b-r16"])
+def test_auto_choice_grows_with_memory_and_stays_under_the_limit(name):
+    recipe, shape = _recipe(name)
+    assert recipe.train.micro_batch_size == "auto" and recipe.train.gradient_checkpointing == "auto"
+    plans = {gib: plan(recipe, shape, Budget(gib, f"test {gib}"), on_gpu=True) for gib in BUDGETS}
+    micro = [plans[g].micro_batch_size for g in BUDGETS]
+    assert micro == sorted(micro), f"micro-batch shrank as memory grew: {micro}"
+    for gib, chosen in plans.items():
+        assert chosen.fits, f"{name} at {gib} GiB: {chosen.describe()}"
+        # The prediction is recomputed from the settled recipe, the way the run will see it.
+        settled = auto_settings.apply_plan(recipe, chosen)
+        predicted = estimate(shape, settings_from_recipe(settled)).total / GIB
+        assert predicted == pytest.approx(chosen.predicted_gib)
+        assert predicted <= gib * (1 - auto_settings.SAFETY_MARGIN)
+        # The global batch stays as written; accumulation follows the micro-batch.
+        assert settled.train.micro_batch_size * settled.train.accumulation_steps() == recipe.train.global_batch()
+    assert plans[24].micro_batch_size >= 4
+
+
+def test_the_choice_is_the_fastest_candidate_that_fits():
+    recipe, shape = _recipe("llama7b-r8")
+    chosen = plan(recipe, shape, Budget(24, "test"), on_gpu=True)
+    limit = 24 * (1 - auto_settings.SAFETY_MARGIN)
+    best = relative_time_per_token(chosen.micro_batch_size, chosen.gradient_checkpointing, chosen.activation_offloading)
+    for micro in (1, 2, 4, 8, 16):
+        for checkpointing in (False, True):
+            for offloading in (False, True):
+                settled = settle(recipe, micro_batch_size=micro, gradient_checkpointing=checkpointing,
+                                 activation_offloading=offloading, kernels=chosen.kernels)
+                if estimate(shape, settings_from_recipe(settled)).total / GIB <= limit:
+                    assert relative_time_per_token(micro, checkpointing, offloading) >= best
+
+
+def test_explicit_values_are_obeyed_and_only_auto_keys_are_chosen():
+    recipe, shape = _recipe("llama7b-r8", "train.micro_batch_size=2", "train.gradient_checkpointing=true")
+    chosen = plan(recipe, shape, Budget(80, "test"), on_gpu=True)
+    assert (chosen.micro_batch_size, chosen.gradient_checkpointing) == (2, True)
+    assert set(chosen.chosen) == {"activation_offloading", "kernels"}
+
+
+def test_without_a_budget_auto_means_the_safe_defaults():
+    recipe, shape = _recipe("llama7b-r8")
+    chosen = plan(recipe, shape, Budget(None, "none"), on_gpu=False)
+    assert (chosen.micro_batch_size, chosen.gradient_checkpointing, chosen.activation_offloading, chosen.kernels) == (
+        1, True, False, "none")
+
+
+def test_speed_model_orders_the_measured_h100_runs():
+    """shared/calibration: mb1 ckpt on 3,405 < mb1 off 4,944 < mb4 on 7,411 < mb2 off 9,744 tokens/s."""
+    measured = [((1, True), 3405), ((1, False), 4944), ((4, True), 7411), ((2, False), 9744)]
+    predicted = [1 / relative_time_per_token(m, c, False) for (m, c), _ in measured]
+    assert predicted == sorted(predicted)
+    assert relative_time_per_token(4, True, True) > relative_time_per_token(4, True, False)
+
+
+def test_nothing_fits_picks_the_smallest_and_says_so():
+    recipe, shape = _recipe("llama3-8b-r16")
+    chosen = plan(recipe, shape, Budget(4, "test"), on_gpu=True)
+    assert not chosen.fits
+    assert (chosen.micro_batch_size, chosen.gradient_checkpointing) == (1, True)
+    assert "nothing fits" in chosen.describe()
+
+
+# ---------------------------------------------------------------- the same choice in three places
+
+
+def test_estimate_json_and_dry_run_report_the_same_choice(capsys, tmp_path):
+    assert cli.main(["estimate", "--recipe", "llama7b-r8", "--gpu-memory", "24", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    recipe, shape = _recipe("llama7b-r8")
+    chosen = plan(recipe, shape, Budget(24, "t"), on_gpu=True)
+    assert (result["micro_batch_size"], result["gradient_checkpointing"], result["activation_offloading"]) == (
+        chosen.micro_batch_size, chosen.gradient_checkpointing, chosen.activation_offloading)
+    assert result["inputs"]["batch_size"] == result["micro_batch_size"]
+    assert result["auto"]["budget_gib"] == 24 and result["fits"] is True
+
+    assert cli.main(["--recipe", "llama7b-r8", "--dry-run", "--gpu-memory", "24", "--output-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    auto_line = next(line for line in out.splitlines() if line.strip().startswith("auto "))
+    assert f"micro-batch {result['micro_batch_size']}, checkpointing " in auto_line
+    assert "of 24.0 GiB predicted" in auto_line
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+def test_a_cpu_run_records_what_auto_became(demo_run):
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert summary["auto_settings"]["chosen"] == ["activation_offloading", "kernels"]
+    levers = {k: summary["levers"][k] for k in ("activation_offloading", "kernels", "packing", "padding_free")}
+    assert levers == {"activation_offloading": False, "kernels": "none", "packing": False, "padding_free": False}
+    saved = yaml.safe_load((demo_run / "recipe.yaml").read_text())
+    assert saved["train"]["kernels"] == "none" and saved["train"]["activation_offloading"] is False
+    assert "# auto settings" in (demo_run / "recipe.yaml").read_text()
+
+
+# ---------------------------------------------------------------- the cap and the levers' keys
+
+
+@pytest.mark.parametrize("value", ["-4", "0", "nan", "inf"])
+def test_gpu_memory_must_be_finite_and_positive(value, capsys):
+    for argv in (["estimate", "--recipe", "llama7b-r8", "--gpu-memory", value],
+                 ["--recipe", "llama7b-r8", "--dry-run", "--gpu-memory", value]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--gpu-memory must be a positive number" in err[0]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", ".nan", ".inf", "lots"])
+def test_gpu_memory_gib_key_is_validated(value):
+    with pytest.raises(UserError, match="train.gpu_memory_gib"):
+        load_recipe("llama7b-r8", [f"train.gpu_memory_gib={value}"])
+
+
+@pytest.mark.parametrize("key,value", [("micro_batch_size", "0"), ("micro_batch_size", "many"),
+                                       ("micro_batch_size", "true"), ("gradient_checkpointing", "sometimes"),
+                                       ("activation_offloading", "1"), ("kernels", "triton"), ("packing", "maybe")])
+def test_lever_keys_reject_bad_values_naming_the_key(key, value):
+    with pytest.raises(UserError, match=f"train.{key}"):
+        load_recipe("llama7b-r8", [f"train.{key}={value}"])
+
+
+def test_kernels_follow_liger_support_and_the_device():
+    recipe, shape = _recipe("llama7b-r8")
+    assert auto_settings.choose_kernels(recipe, "llama", on_gpu=True) == ("liger", [])
+    assert auto_settings.choose_kernels(recipe, "llama", on_gpu=False) == ("none", [])
+    kernels, notes = auto_settings.choose_kernels(recipe, "bert", on_gpu=True)
+    assert kernels == "none" and "no kernels for model type 'bert'" in notes[0]
+    liger = settle(recipe, kernels="liger")
+    with pytest.raises(UserError, match="train.kernels: liger needs a CUDA GPU"):
+        auto_settings.choose_kernels(liger, "llama", on_gpu=False)
+    with pytest.raises(UserError, match="no kernels for model type 'bert'"):
+        auto_settings.choose_kernels(liger, "bert", on_gpu=True)
+
+
+def test_explicit_cuda_only_levers_are_refused_on_the_cpu(tiny_model_dir, write_recipe, tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 4)
+    path = write_recipe(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {data}}}\n"
+                        "train: {max_steps: 1, activation_offloading: true}\n")
+    assert cli.main(["--recipe", str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.activation_offloading: true needs a CUDA GPU" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mean,on_gpu,attn,expected", [
+    (300, True, "sdpa", True),      # short rows on a GPU: packed
+    (1500, True, "sdpa", False),    # rows over half of seq_len: not worth it
+    (300, False, "sdpa", False),    # the CPU keeps today's defaults
+    (300, True, "eager", False),    # eager attention over a padding-free row costs micro-batch^2 memory
+])
+def test_auto_packing(mean, on_gpu, attn, expected):
+    recipe, _ = _recipe("llama7b-r8")
+    settled, notes = settle_packing(recipe, mean, on_gpu, attn)
+    assert (settled.train.packing, settled.train.padding_free) == (expected, expected)
+    assert notes and f"packing {'on' if expected else 'off'}" in notes[0]
+    pinned, notes = settle_packing(settle(recipe, packing=False, padding_free=False), mean, on_gpu, attn)
+    assert (pinned.train.packing, pinned.train.padding_free, notes) == (False, False, [])
+
+
+def test_regional_compile_wraps_each_decoder_layer(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_trainer.speed_levers import compile_decoder_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    assert compile_decoder_layers(model) == model.config.num_hidden_layers
+    layers = model.model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert model.lm_head._compiled_call_impl is None  # TRL's fused LM head stays eager
+
+
+LIGER_PROBE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import LoraConfig, get_peft_model
+from qlora_trainer.speed_levers import apply_kernels
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+before = type(model.model.norm).forward
+apply_kernels(model, "liger")
+model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+layer = model.base_model.model.model.layers[0]
+print(model.base_model.model.model.norm.forward.__func__.__module__, layer.mlp.forward.__func__.__module__,
+      type(layer.mlp.gate_proj).__name__)
+"""
+
+
+def test_liger_kernels_patch_the_instance_and_keep_lora(tiny_model_dir):
+    """Patching runs on any machine (running the kernels needs CUDA). In its own process: liger also replaces
+    module-level functions of transformers' Llama, which the rest of the CPU suite must not see."""
+    out = subprocess.run([sys.executable, "-c", LIGER_PROBE, str(tiny_model_dir)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0].startswith("liger_kernel") and out[1].startswith("liger_kernel")
+    assert out[2] == "Linear"  # PEFT's LoRA Linear wraps the projections that liger's SwiGLU calls
+
+
+def test_bench_speed_smoke_runs_every_path_on_cpu(tmp_path):
+    """tools/bench_speed.py --device cpu: our CLI path and the plain TRL + PEFT script train on the same tiny
+    random model and rows; Unsloth, not installed here, is reported as skipped; the ratios come out."""
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_speed.py"), "--device", "cpu", "--runs", "ours-auto,trl-peft,unsloth",
+                           "--workdir", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs = {r["run"]: r for r in report["runs"]}
+    assert set(runs) == {"ours-auto", "trl-peft", "unsloth"}
+    assert runs["ours-auto"]["tokens_per_s"] > 0 and runs["trl-peft"]["tokens_per_s"] > 0
+    assert runs["ours-auto"]["levers"]["micro_batch_size"] == 1  # auto on the CPU: the safe default
+    assert "skipped" in runs["unsloth"]
+    expected = round(runs["ours-auto"]["tokens_per_s"] / runs["trl-peft"]["tokens_per_s"], 3)
+    assert report["ratios"] == {"speed_vs_trl-peft": expected}
+    assert report["seq_len"] == 64 and report["steps"] == 3
