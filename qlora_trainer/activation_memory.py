@@ -68,7 +68,7 @@ def attention_matrix_bytes(shape: ModelShape, s: Settings) -> int:
     if s.attn_implementation != "eager":
         return 0
     pairs = tokens_per_micro_batch(s) ** 2 if (s.padding_free or s.packing) else s.batch_size * s.seq_len**2
-    return (4 + _a(s) * (2 if shape.attn_softcap else 1)) * shape.heads * pairs
+    return (4 + _a(s) * (2 if shape.attn_softcapping else 1)) * shape.heads * pairs
 
 
 def layer_saved_bytes_per_token(shape: ModelShape, targets: list[Linear], s: Settings) -> float:

@@ -87,7 +87,7 @@ class ModelShape:
     other_params: int  # embeddings, untied lm_head, norms: every parameter outside the linear layers
     total_params: int
     norms_per_layer: int = 2  # hidden-size norms in one decoder layer (Gemma-2 has four)
-    attn_softcap: bool = False  # attention logits soft-capped with tanh (Gemma-2): eager saves the tanh too
+    attn_softcapping: bool = False  # attention logits soft-capped with tanh (Gemma-2): eager saves the tanh too
 
     @property
     def quantized(self) -> list[Linear]:
@@ -196,7 +196,7 @@ def model_shape(config, name: str) -> ModelShape:
         other_params=sum(p.numel() for n, p in params.items() if n not in linear_params),
         total_params=sum(p.numel() for p in params.values()),
         norms_per_layer=_norms_per_layer(model, text, linear_params),
-        attn_softcap=getattr(text, "attn_logit_softcapping", None) is not None,
+        attn_softcapping=getattr(text, "attn_logit_softcapping", None) is not None,
     )
 
 
