@@ -81,8 +81,8 @@ def relative_time_per_token(micro_batch: int, checkpointing: bool, offloading: b
 
 
 def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch=None) -> Plan:
-    """Choose the `auto` micro-batch, checkpointing and offloading: the fastest candidate predicted to fit
-    within the budget less the safety margin. Without a budget (CPU, or an estimate without --gpu-memory),
+    """Choose the `auto` micro-batch, checkpointing and offloading: the largest micro-batch predicted to fit
+    within the budget less the safety margin, in its fastest configuration. Without a budget (CPU, or an estimate without --gpu-memory),
     `auto` keeps the schema's safe defaults: micro-batch 1, checkpointing on, offloading off."""
     t = recipe.train
     world = launch.world_size if launch is not None else recipe.distributed.num_gpus
@@ -104,8 +104,11 @@ def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch
                                         values["activation_offloading"])
         scored.append((predicted <= limit, speed, predicted, values))
     fitting = [c for c in scored if c[0]]
-    # The fastest that fits; where nothing fits, the smallest, so that the fit check names the fixes.
-    best = min(fitting, key=lambda c: (c[1], c[2])) if fitting else min(scored, key=lambda c: c[2])
+    # The largest micro-batch that fits, then the fastest way to fit it (checkpointing off where it fits,
+    # offloading only where it is needed): a bigger card never gets a smaller micro-batch. Where nothing fits,
+    # the smallest, so that the fit check names the fixes.
+    best = (min(fitting, key=lambda c: (-c[3]["micro_batch_size"], c[1], c[2])) if fitting
+            else min(scored, key=lambda c: c[2]))
     return Plan(**best[3], kernels=kernels, predicted_gib=best[2], budget=budget, fits=bool(fitting), chosen=chosen,
                 notes=notes)
 
@@ -121,7 +124,10 @@ def _candidates(fixed: dict, per_process_batch: int) -> list[dict]:
     combos = [{}]
     for key, value in fixed.items():
         combos = [dict(c, **{key: v}) for c in combos for v in (options[key] if value == AUTO else [value])]
-    return combos
+    # Offloading was measured with checkpointing, where it moves only each layer's input; without checkpointing
+    # it would stream every saved activation over PCIe, which the speed model does not describe.
+    return [c for c in combos if c["gradient_checkpointing"] or not c["activation_offloading"]
+            or fixed["gradient_checkpointing"] is False and fixed["activation_offloading"] is True]
 
 
 def _predict(recipe: Recipe, shape: ModelShape, kernels: str, launch, **values) -> float:

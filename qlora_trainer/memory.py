@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from qlora_trainer.activation_memory import DTYPE_BYTES, activation_peak
+
 GIB = 2**30
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 # bitsandbytes 4-bit: values packed two per byte, one absmax per block of 64 (functional.quantize_4bit).
 NF4_BLOCK = 64
@@ -25,16 +26,34 @@ MIN_8BIT_SIZE = 4096
 OPTIMIZER_BLOCK = 256  # blockwise 8-bit state: one fp32 absmax per 256 values and state
 # Paged state goes to CUDA managed memory for tensors of at least this many elements (get_state_buffer).
 MIN_PAGED_SIZE = 100_000
-# TRL's fused LM head scores tokens in tiles of 4096 tokens x 32768 vocabulary entries (chunked_logprob.py).
-LOGPROB_TOKEN_TILE = 4096
-LOGPROB_VOCAB_TILE = 32768
 
-# The two constants that are not derived from shapes. Both are placeholders until calibrated on a GPU
-# (tools/measure_vram.py): the CUDA context with cuBLAS workspaces, and the caching allocator's rounding
-# and fragmentation as a share of the allocated peak.
-CUDA_CONTEXT_BYTES = int(0.5 * GIB)
-ALLOCATOR_OVERHEAD_FRACTION = 0.05
-CALIBRATED = False
+# The two terms not derived from shapes, calibrated on one H100 80GB (torch 2.11, CUDA 13, driver 580) in the 14
+# configurations of benchmarks/vram/h100-2026-11-22.jsonl:
+# - Memory the process holds outside PyTorch's allocator: the CUDA context, the kernel images loaded as they are
+#   first used, cuBLAS/cuDNN handles. nvidia-smi's per-process figure minus torch's peak reserved was 0.740-0.749
+#   GiB in every configuration (rank, length, batch and checkpointing changed nothing); 0.51 of it exists at start.
+CUDA_CONTEXT_BYTES = int(0.75 * GIB)
+# - The caching allocator's reserve beyond its allocated peak. It comes from tensors that outlive the transient
+#   ones they are allocated among, and split the cached blocks those leave: each layer's output (the residual
+#   stream, kept for backward or checkpointed) in forward, the adapter gradients in backward. Measured reserved
+#   minus allocated grew with those bytes (micro-batch 4: 0.40-0.96 GiB; rank 64: +0.11-0.16 GiB over rank 8)
+#   and had a floor of ~0.17 GiB at seq_len 512 (the small-tensor pool's 2 MiB segments, block rounding).
+#   One share and one floor for all 14 configurations, not a fit per family.
+ALLOCATOR_OVERHEAD_FRACTION = 0.36
+ALLOCATOR_OVERHEAD_FLOOR_BYTES = int(0.1 * GIB)
+CALIBRATED = True
+
+
+def unmeasured_notes(s: Settings) -> list[str]:
+    """Where the GPU measurements do not reach, said in every estimate that depends on it."""
+    notes = ["cuda_context and allocator_overhead are calibrated on one H100 (CUDA 13, torch 2.11); other GPUs, "
+             "drivers and CUDA versions may hold a different context"]
+    unmeasured = [name for name, used in (
+        ("eager attention", s.attn_implementation == "eager"), ("padding-free batches", s.padding_free or s.packing),
+        (f"{s.strategy.upper()} across GPUs", s.strategy != "single"), ("DoRA", s.use_dora)) if used]
+    if unmeasured:
+        notes.append(f"not yet measured on a GPU: {', '.join(unmeasured)} (the terms follow the libraries' code)")
+    return notes
 
 
 @dataclass
@@ -67,6 +86,8 @@ class ModelShape:
     linears: list[Linear]
     other_params: int  # embeddings, untied lm_head, norms: every parameter outside the linear layers
     total_params: int
+    norms_per_layer: int = 2  # hidden-size norms in one decoder layer (Gemma-2 has four)
+    attn_softcapping: bool = False  # attention logits soft-capped with tanh (Gemma-2): eager saves the tanh too
 
     @property
     def quantized(self) -> list[Linear]:
@@ -106,6 +127,7 @@ class Estimate:
     settings: Settings
     paged_bytes: int = 0
     cpu_offload_bytes: int = 0  # FSDP CPU offload: held in each process's CPU RAM instead of the GPU
+    activation_offload_bytes: int = 0  # activation offloading: saved tensors held in pinned CPU RAM at the peak
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -121,7 +143,12 @@ class Estimate:
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "trainable_percent": round(100 * self.trainable_params / self.total_params, 4),
+            # What a memory cap (torch.cuda.set_per_process_memory_fraction) limits is the allocator's share:
+            # cap = budget - non_allocator_gib. Paged optimizer state and offloaded activations are in neither.
+            "allocator_gib": round((self.total - self.breakdown["cuda_context"]) / GIB, 3),
+            "non_allocator_gib": round(self.breakdown["cuda_context"] / GIB, 3),
             "paged_optimizer_gib": round(self.paged_bytes / GIB, 4),
+            "activation_offload_cpu_gib": round(self.activation_offload_bytes / GIB, 4),
             "per_gpu": True,
             "gpus": self.settings.num_gpus,
             "strategy": self.settings.strategy,
@@ -168,7 +195,29 @@ def model_shape(config, name: str) -> ModelShape:
         linears=linears,
         other_params=sum(p.numel() for n, p in params.items() if n not in linear_params),
         total_params=sum(p.numel() for p in params.values()),
+        norms_per_layer=_norms_per_layer(model, text, linear_params),
+        attn_softcapping=getattr(text, "attn_logit_softcapping", None) is not None,
     )
+
+
+def _norms_per_layer(model, text, linear_params: set[str]) -> int:
+    """Hidden-size vectors among the first decoder layer's parameters that no linear layer owns: its norms."""
+    import torch
+
+    stacks = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.ModuleList) and len(m) == text.num_hidden_layers]
+    if not stacks:
+        return 2
+    prefix, layers = stacks[0]
+    return sum(1 for n, p in layers[0].named_parameters()
+               if p.ndim == 1 and p.numel() == text.hidden_size and f"{prefix}.0.{n}" not in linear_params)
+
+
+def allocator_overhead_bytes(shape: ModelShape, s: Settings, grads: int) -> int:
+    """Reserved beyond allocated at the peak: the floor plus a share of the long-lived tensors allocated among
+    transient ones (every layer's output, the adapter gradients); see ALLOCATOR_OVERHEAD_FRACTION."""
+    layer_outputs = shape.layers * DTYPE_BYTES[s.compute_dtype] * shape.hidden * s.batch_size * s.seq_len
+    return ALLOCATOR_OVERHEAD_FLOOR_BYTES + int(ALLOCATOR_OVERHEAD_FRACTION * (layer_outputs + grads))
 
 
 def lora_targets(shape: ModelShape, targets: str | list[str]) -> list[Linear]:
@@ -187,26 +236,37 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     lora_tensors = _lora_tensor_sizes(targets, s)
     trainable = sum(lora_tensors)
     optimizer_bytes, paged = optimizer_state_bytes(lora_tensors, s.optimizer, DTYPE_BYTES[s.lora_dtype])
+    grads = lora_param_bytes(lora_tensors, targets, s)
+    peak = activation_peak(shape, targets, s)
     breakdown = {
         "base_weights": base_weight_bytes(shape),
         "quant_constants": quant_constant_bytes(shape, s.double_quant, compute),
         "unquantized_params": unquantized_param_bytes(shape, compute),
         "lora_params": lora_param_bytes(lora_tensors, targets, s),
-        # Gradients have the dtype of their parameter and exist for trainable ones only.
-        "lora_grads": lora_param_bytes(lora_tensors, targets, s),
-        "optimizer_states": optimizer_bytes,
-        "activations": activation_bytes(shape, targets, s),
-        "logits": logits_bytes(shape, s),
+        "lora_grads": live_gradient_bytes(grads, peak.activations + peak.logits, shape.layers),
+        # Paged state lives in CUDA managed memory, outside the allocator and outside nvidia-smi's per-process
+        # figure (measured: the rank-64 runs, whose state is all paged, show the same nvidia-smi minus reserved
+        # gap as the rank-8 ones). It is reported as paged_optimizer_gib instead.
+        "optimizer_states": optimizer_bytes - paged,
+        "activations": peak.activations,
+        "logits": peak.logits,
     }
-    breakdown, offloaded = per_gpu(breakdown, shape, s)
-    allocated = sum(breakdown.values())
+    breakdown, offloaded = per_gpu(breakdown, shape, s, grads)
     breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
-    breakdown["allocator_overhead"] = int(ALLOCATOR_OVERHEAD_FRACTION * allocated)
-    notes = [] if CALIBRATED else ["cuda_context and allocator_overhead are uncalibrated defaults"]
+    breakdown["allocator_overhead"] = allocator_overhead_bytes(shape, s, grads)
+    notes = unmeasured_notes(s)
     if s.strategy == "fsdp" and s.optimizer.startswith("paged_"):
         paged //= s.num_gpus
     return Estimate(shape.name, breakdown, trainable, shape.total_params, s, paged_bytes=0 if s.cpu_offload else paged,
-                    cpu_offload_bytes=offloaded, notes=notes)
+                    cpu_offload_bytes=offloaded, activation_offload_bytes=peak.offloaded, notes=notes)
+
+
+def live_gradient_bytes(grads: int, activations: int, layers: int) -> int:
+    """Adapter gradients alive at the peak. The trainer frees them after each optimizer step (zero_grad sets them
+    to None), and backward creates them layer by layer from the top: at the activation peak, in the top layer's
+    backward, one layer's share exists. At the optimizer step all exist but the activations are gone; that phase
+    counts only where it is higher, as its excess over the activations."""
+    return max(grads // layers, grads - activations)
 
 
 # Terms FSDP splits across processes (FULL_SHARD): each process keeps 1/N of every flat parameter, its gradient
@@ -215,7 +275,7 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
 SHARDED_TERMS = ("base_weights", "unquantized_params", "lora_params", "lora_grads", "optimizer_states")
 
 
-def per_gpu(breakdown: dict[str, int], shape: ModelShape, s: Settings) -> tuple[dict[str, int], int]:
+def per_gpu(breakdown: dict[str, int], shape: ModelShape, s: Settings, grads: int) -> tuple[dict[str, int], int]:
     """One GPU's share under the launch strategy; returns the terms and the bytes FSDP offloads to CPU RAM.
 
     DDP: every GPU holds the single-GPU terms, plus the reducer's gradient buckets, a flat copy of the trainable
@@ -225,7 +285,7 @@ def per_gpu(breakdown: dict[str, int], shape: ModelShape, s: Settings) -> tuple[
     """
     terms = dict(breakdown)
     if s.strategy == "ddp":
-        terms["ddp_grad_buckets"] = breakdown["lora_grads"]
+        terms["ddp_grad_buckets"] = grads  # allocated whole when DDP wraps the model, kept for the run
         return terms, 0
     if s.strategy != "fsdp":
         return terms, 0
@@ -305,60 +365,3 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str, param_bytes: int) ->
         if optimizer.startswith("paged_") and n >= MIN_PAGED_SIZE:
             paged += 2 * n * (1 if "8bit" in optimizer else 4)
     return total, paged
-
-
-def layer_activation_bytes_per_token(shape: ModelShape, targets: list[Linear], s: Settings) -> float:
-    """Bytes one decoder layer saves for backward, per token, in a Llama-style block.
-
-    RMSNorm (HF): fp32 copy of its input plus the bf16 output, twice per layer. Attention: the normed input
-    read by q/k/v, q/k/v after RoPE, the attention output and its projection input, fp32 log-sum-exp per head.
-    SwiGLU MLP: gate, up, act(gate) and their product (4 x intermediate). LoRA: the dropout output and its
-    mask for each target's input, and the rank-r intermediate.
-    """
-    a = DTYPE_BYTES[s.compute_dtype]
-    h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
-    norms = 2 * (4 * h + a * h)
-    attention = a * h + a * (q + 2 * kv) + 2 * a * q + 4 * shape.heads
-    mlp = a * h + 4 * a * i
-    # Targets spread over the layers; one layer carries its share of them.
-    lora = sum((a + 1) * t.in_features if s.lora_dropout > 0 else 0 for t in targets) + a * s.rank * len(targets)
-    return norms + attention + mlp + lora / shape.layers
-
-
-def attention_matrix_bytes(shape: ModelShape, s: Settings) -> int:
-    """Eager attention materialises batch x heads x seq^2 scores and probabilities; SDPA and flash do not."""
-    if s.attn_implementation != "eager":
-        return 0
-    return 2 * DTYPE_BYTES[s.compute_dtype] * s.batch_size * shape.heads * s.seq_len**2
-
-
-def activation_bytes(shape: ModelShape, targets: list[Linear], s: Settings) -> int:
-    """Saved activations at the backward peak.
-
-    With checkpointing (non-reentrant, one checkpoint per decoder layer) each layer keeps only its input, and
-    the layer being back-propagated is recomputed in full. Without it every layer keeps everything. On top:
-    the bf16 copy of the largest weight that bitsandbytes dequantizes for each matmul.
-    """
-    tokens = s.batch_size * s.seq_len
-    a = DTYPE_BYTES[s.compute_dtype]
-    one_layer = layer_activation_bytes_per_token(shape, targets, s) * tokens + attention_matrix_bytes(shape, s)
-    if s.gradient_checkpointing:
-        saved = shape.layers * a * shape.hidden * tokens + one_layer
-    else:
-        saved = shape.layers * one_layer
-    dequantized = a * max((l.numel for l in shape.quantized), default=0)
-    # Gradient of the hidden state flowing back through the residual stream, and of the widest intermediate.
-    backward_transients = a * (2 * shape.hidden + shape.intermediate) * tokens
-    return int(saved + dequantized + backward_transients)
-
-
-def logits_bytes(shape: ModelShape, s: Settings) -> int:
-    """TRL 1.16's default loss never builds batch x seq x vocab logits: a fused LM head scores 4096-token by
-    32768-vocabulary tiles, keeps fp32 per-token statistics, and back-propagates an fp32 hidden-state gradient."""
-    tokens = s.batch_size * s.seq_len
-    a = DTYPE_BYTES[s.compute_dtype]
-    tile = min(tokens, LOGPROB_TOKEN_TILE) * min(shape.vocab, LOGPROB_VOCAB_TILE) * a
-    hidden_copy = tokens * shape.hidden * a  # hidden_states[mask]
-    per_token_stats = 10 * 4 * tokens  # running max, sums, log-z, entropy, target logit, ...
-    hidden_grad = tokens * shape.hidden * 4
-    return tile + hidden_copy + per_token_stats + hidden_grad

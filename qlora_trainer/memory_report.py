@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qlora_trainer.architectures import DEFAULT_FOR_SIZE, architecture_for, known_architectures, load_architecture
 from qlora_trainer.errors import UserError, WontFitError
-from qlora_trainer.memory import CALIBRATED, GIB, Estimate, ModelShape, Settings, estimate, model_shape
+from qlora_trainer.memory import GIB, Estimate, ModelShape, Settings, estimate, model_shape
 from qlora_trainer.recipe import AUTO, PLANNED_KEYS, Recipe
 
 TABLE_RANKS = (1, 2, 4, 8, 16, 64, 256, 1024)
@@ -92,12 +92,14 @@ def format_estimate(est: Estimate, gpu_memory_gib: float | None = None) -> str:
     if est.cpu_offload_bytes:
         lines.append(f"  offloaded to CPU RAM: {est.cpu_offload_bytes / GIB:.3f} GiB per process")
     if est.paged_bytes:
-        lines.append(f"  of the optimizer state, {est.paged_bytes / GIB:.3f} GiB is paged (spills to CPU RAM under pressure)")
+        lines.append(f"  plus {est.paged_bytes / GIB:.3f} GiB of paged optimizer state in CUDA managed memory (not in "
+                     "nvidia-smi's per-process figure; spills to CPU RAM under pressure)")
+    if est.activation_offload_bytes:
+        lines.append(f"  activations offloaded to pinned CPU RAM: {est.activation_offload_bytes / GIB:.3f} GiB")
     if gpu_memory_gib is not None:
         verdict = "fits" if est.total / GIB <= gpu_memory_gib else "does NOT fit"
         lines.append(f"  on a {gpu_memory_gib:g} GiB GPU: {verdict} (headroom {gpu_memory_gib - est.total / GIB:+.2f} GiB)")
-    if not CALIBRATED:
-        lines.append("  note: the cuda_context and allocator_overhead constants are not yet calibrated on a GPU")
+    lines.extend(f"  note: {note}" for note in est.notes)
     return "\n".join(lines)
 
 

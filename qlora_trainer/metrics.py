@@ -10,20 +10,31 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-GIB = 2**30
+from qlora_trainer.gpu_memory import GIB, MemorySampler, ProcessMemory
 
 
 class MetricsLogger(TrainerCallback):
-    """Append step, loss, learning rate, tokens/s and peak GPU memory to metrics.jsonl at every log."""
+    """Append step, loss, learning rate, tokens/s and peak GPU memory to metrics.jsonl at every log.
+
+    On a GPU every process samples its own memory (`memory`, gpu_memory.py) from the start of training to its end;
+    the main process writes the rows."""
 
     def __init__(self, path: Path):
         self.path = path
         self._last_time: float | None = None
         self._last_tokens = 0.0
+        self.memory: MemorySampler | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = time.perf_counter()
         self._last_tokens = 0.0
+        if args.device.type == "cuda":
+            self.memory = self.memory or MemorySampler(ProcessMemory())
+            self.memory.start()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.memory is not None:
+            self.memory.stop()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "train_runtime" in logs:
@@ -35,8 +46,12 @@ class MetricsLogger(TrainerCallback):
         row.update({k: v for k, v in logs.items() if k.startswith("eval_")})
         if logs.get("eval_loss") is not None:  # perplexity of the eval tokens the loss counts (answers only by default)
             row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 700.0))  # capped: exp overflows a float past ~709
-        if torch.cuda.is_available():
-            row["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
+        if self.memory is not None:
+            self.memory.sample()
+            peak = self.memory.snapshot()
+            # What nvidia-smi showed at the peak so far (None where NVML cannot see this process), and the allocator's.
+            row.update(peak_gpu_memory_gib=peak["nvidia_smi"], peak_reserved_gib=peak["peak_reserved"],
+                       peak_allocated_gib=peak["peak_allocated"])
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
 

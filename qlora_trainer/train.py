@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_trainer import auto_settings, distributed, gpu_budget, speed_levers
+from qlora_trainer import auto_settings, distributed, gpu_budget, gpu_memory, speed_levers
 from qlora_trainer import model as model_lib
 from qlora_trainer.distributed import Launch
 from qlora_trainer.data import check_data_path, load_data
@@ -130,7 +130,7 @@ def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> 
     recipe, shape, predicted, chosen, data, tokenizer = prepared
     estimate_json = auto_settings.estimate_json(predicted, chosen)
     run, checkpoint = distributed.on_main(lambda: _open_run_dir(recipe, options, estimate_json, chosen), launch)
-    context_bytes = _cuda_context_bytes() if device == "cuda" else None
+    context_bytes = gpu_memory.context_bytes() if device == "cuda" else None
 
     torch.manual_seed(recipe.train.seed)
     guards = (StopOnSignal(), StopOnNonFinite())
@@ -149,7 +149,8 @@ def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> 
         trainer.save_adapter(run / "adapter")  # under FSDP every process takes part in gathering it
     except OSError as err:
         raise _saving_failed(run, err) from None
-    outcome.memory = distributed.gather(_peak_memory(predicted, context_bytes), launch)
+    outcome.memory = distributed.gather(
+        gpu_memory.peak_memory_report(predicted.total, _memory_sampler(trainer), context_bytes), launch)
     # DDP keeps the copies identical; a difference would mean the processes trained apart. FSDP holds shards.
     if launch.strategy != "fsdp":
         outcome.checksums = distributed.gather(model_lib.adapter_checksum(trainer.peft_model), launch)
@@ -458,23 +459,10 @@ def combine_exact_match(parts: list[dict]) -> dict:
     return {"accuracy": correct / total, "correct": correct, "total": total, "examples": examples}
 
 
-def _cuda_context_bytes() -> int:
-    """GPU memory in use outside PyTorch's allocator before loading: this process's CUDA context (and, on a shared
-    GPU, other processes' memory, which nvidia-smi would count against the card too)."""
-    free, total = torch.cuda.mem_get_info()
-    return max(0, total - free - torch.cuda.memory_reserved())
-
-
-def _peak_memory(predicted, context_bytes: int | None) -> dict:
-    """Measured peak (allocator peak reserved + CUDA context) next to the estimate, in GiB."""
-    memory = {"estimated": round(predicted.total / GIB, 3), "measured": None}
-    if context_bytes is not None:
-        reserved = torch.cuda.max_memory_reserved()
-        memory.update(measured=round((reserved + context_bytes) / GIB, 3), peak_reserved=round(reserved / GIB, 3),
-                      peak_allocated=round(torch.cuda.max_memory_allocated() / GIB, 3),
-                      cuda_context=round(context_bytes / GIB, 3))
-        memory["error_percent"] = round(100 * (memory["estimated"] - memory["measured"]) / memory["measured"], 2)
-    return memory
+def _memory_sampler(trainer):
+    """The GPU memory sampler the metrics callback ran during training (None on CPU)."""
+    loggers = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsLogger)]
+    return loggers[0].memory if loggers else None
 
 
 def _summary(recipe, options, trainer, outcome: Outcome, rows, data, launch) -> dict:

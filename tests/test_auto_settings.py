@@ -45,7 +45,7 @@ def test_auto_choice_grows_with_memory_and_stays_under_the_limit(name):
     assert plans[24].micro_batch_size >= 4
 
 
-def test_the_choice_is_the_fastest_candidate_that_fits():
+def test_the_choice_is_the_largest_micro_batch_that_fits_in_its_fastest_form():
     recipe, shape = _recipe("llama7b-r8")
     chosen = plan(recipe, shape, Budget(24, "test"), on_gpu=True)
     limit = 24 * (1 - auto_settings.SAFETY_MARGIN)
@@ -53,10 +53,14 @@ def test_the_choice_is_the_fastest_candidate_that_fits():
     for micro in (1, 2, 4, 8, 16):
         for checkpointing in (False, True):
             for offloading in (False, True):
+                if offloading and not checkpointing:
+                    continue  # not a candidate: the speed model describes offloading with checkpointing only
                 settled = settle(recipe, micro_batch_size=micro, gradient_checkpointing=checkpointing,
                                  activation_offloading=offloading, kernels=chosen.kernels)
                 if estimate(shape, settings_from_recipe(settled)).total / GIB <= limit:
-                    assert relative_time_per_token(micro, checkpointing, offloading) >= best
+                    assert micro <= chosen.micro_batch_size
+                    if micro == chosen.micro_batch_size:
+                        assert relative_time_per_token(micro, checkpointing, offloading) >= best
 
 
 def test_explicit_values_are_obeyed_and_only_auto_keys_are_chosen():
