@@ -161,17 +161,17 @@ class TrainSection(_Section):
 
     @field_validator("micro_batch_size", mode="before")
     @classmethod
-    def _positive_or_auto(cls, value, info):
+    def _positive_or_auto(cls, value):
         if value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             return value
-        raise ValueError(f"train.{info.field_name} must be a positive integer or auto (got {value!r})")
+        raise ValueError(f"must be a positive integer or auto (got {value!r})")
 
     @field_validator("packing", "padding_free", "gradient_checkpointing", "activation_offloading", mode="before")
     @classmethod
-    def _bool_or_auto(cls, value, info):
+    def _bool_or_auto(cls, value):
         if value == AUTO or isinstance(value, bool):
             return value
-        raise ValueError(f"train.{info.field_name} must be true, false or auto (got {value!r})")
+        raise ValueError(f"must be true, false or auto (got {value!r})")
 
     def global_batch(self, world_size: int = 1) -> int:
         """Sequences per optimizer step over all processes; with an `auto` micro-batch it is fixed before the
@@ -348,8 +348,8 @@ def _describe(error: dict, lines: dict[tuple[str, ...], int]) -> str:
     if kind == "missing":
         return f"{key}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
-    if kind == "value_error":
-        return message
+    if kind == "value_error":  # a field validator's message is about its field; a section's names its keys itself
+        return f"{key}{where}: {message}" if len(loc) >= 2 else message
     return f"{key}{where}: {message} (got {error.get('input')!r})"
 
 

@@ -380,7 +380,7 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: L
 
     t, d = recipe.train, recipe.data
     eval_steps = t.eval_steps or t.logging_steps * 10
-    if (t.packing or t.padding_free) and recipe.model.trust_remote_code:
+    if (t.packing is True or t.padding_free is True) and recipe.model.trust_remote_code:
         # transformers keeps packed rows apart (from position_ids) in its own sdpa/eager/flash attention; a model's
         # own code may not, and would then let rows attend to each other without any error.
         raise UserError("train.packing and train.padding_free need the model's transformers attention, and "
@@ -399,7 +399,8 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: L
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
         activation_checkpointing=t.gradient_checkpointing,
-        activation_offloading=t.activation_offloading,
+        # A recipe built without the planner (tests, tools) may still say auto here: auto unplanned is off, as on the CPU.
+        activation_offloading=t.activation_offloading is True,
         # Non-reentrant checkpointing works with frozen inputs and is what PyTorch recommends. Under FSDP, whose
         # mixed precision keeps the adapters in fp32, its recomputation check fails after a sharded checkpoint
         # save (fp32 saved, bf16 recomputed): the reentrant variant, as PEFT's FSDP-QLoRA recipe uses.
@@ -408,12 +409,12 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: L
         fp16=recipe.quantization.compute_dtype == "float16" and device == "cuda",
         # Rows longer than seq_len were counted (and with overlong: drop, left out) by data.fit_to_tokenizer; TRL
         # truncates the rest. TRL cannot truncate padding-free batches without packing: there overlong is drop.
-        max_length=None if t.padding_free and not t.packing else t.seq_len,
+        max_length=None if t.padding_free is True and t.packing is not True else t.seq_len,
         completion_only_loss=not d.train_on_prompt,
         # Conversations: loss on the assistant turns only, marked by the chat template's {% generation %} blocks.
         assistant_only_loss=not d.train_on_prompt and d.format == "messages",
-        packing=t.packing,  # best-fit decreasing: whole rows per sequence, each attending only to itself
-        padding_free=t.padding_free,
+        packing=t.packing is True,  # best-fit decreasing: whole rows per sequence, each attending only to itself
+        padding_free=t.padding_free is True,
         logging_steps=t.logging_steps,
         logging_first_step=True,  # the first loss shows where training started
         logging_nan_inf_filter=False,  # a NaN loss must show up (and stop the run), not be averaged away
