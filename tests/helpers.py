@@ -14,3 +14,45 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
     """Run `python -m qlora_trainer ARGS` in a fresh process, as a user would."""
     return subprocess.run([sys.executable, "-m", "qlora_trainer", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def tree_state(*roots: Path) -> dict[str, tuple]:
+    """Every path under `roots` with its mode and content hash (or None for a directory, "missing" for an absent
+    root): comparing two snapshots proves that a refused command created, changed and removed nothing."""
+    import hashlib
+
+    state: dict[str, tuple] = {}
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            state[str(root)] = ("missing",)
+            continue
+        for path in [root, *sorted(root.rglob("*"))]:
+            if path.is_dir():
+                state[str(path)] = (path.stat().st_mode, None)
+            else:
+                state[str(path)] = (path.stat().st_mode, hashlib.sha256(path.read_bytes()).hexdigest())
+    return state
+
+
+def refused_cleanly(argv: list[str], code: int, fragment: str, watch: list[Path] = ()) -> str:
+    """Run the command line in this process and check the promise for bad input: exit `code`, exactly one
+    `qlora-trainer: error:` line that contains `fragment`, no traceback anywhere, and nothing under `watch`
+    created, changed or removed. Returns the error line."""
+    import contextlib
+    import io
+
+    from qlora_trainer.cli import main
+
+    before = tree_state(*watch)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        got = main(list(argv))
+    stderr = err.getvalue()
+    lines = [line for line in stderr.splitlines() if line.startswith("qlora-trainer: error:")]
+    assert got == code, (got, stderr[-2000:], out.getvalue()[-1000:])
+    assert "Traceback" not in stderr + out.getvalue(), stderr[-3000:]
+    assert len(lines) == 1, stderr[-2000:]
+    assert fragment.lower() in lines[0].lower(), lines[0]
+    assert tree_state(*watch) == before, "a refused command changed files it was given"
+    return lines[0]
