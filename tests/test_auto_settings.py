@@ -4,6 +4,7 @@ cap's validation, and the three places that report the same choice (estimate --j
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -242,3 +243,26 @@ def test_bench_speed_smoke_runs_every_path_on_cpu(tmp_path):
     expected = round(runs["ours-auto"]["tokens_per_s"] / runs["trl-peft"]["tokens_per_s"], 3)
     assert report["ratios"] == {"speed_vs_trl-peft": expected}
     assert report["seq_len"] == 64 and report["steps"] == 3
+
+
+HEADER_CLAIM = re.compile(r"\b(\d+)( with activation offloading| without)? on (\d+) GB\b")
+
+
+AUTO_RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml")
+                      if yaml.safe_load(p.read_text())["train"].get("micro_batch_size") == "auto")
+
+
+@pytest.mark.parametrize("path", AUTO_RECIPES, ids=lambda p: p.stem)
+def test_recipe_headers_state_the_planners_choice(path):
+    """A recipe whose micro-batch is `auto` says in its header what the planner picks on a few cards ("8 with
+    activation offloading on 16 GB"), and that is what the planner really picks there: the comments cannot
+    drift from the estimator."""
+    header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    claims = HEADER_CLAIM.findall(header)
+    assert claims, f"{path.name}: the header should say which micro-batch auto picks (e.g. '4 on 12 GB')"
+    recipe, shape = _recipe(path.stem)
+    for micro, offloading, gib in claims:
+        chosen = plan(recipe, shape, Budget(float(gib), "header"), on_gpu=True)
+        assert chosen.micro_batch_size == int(micro), f"{path.name}: {gib} GB -> {chosen.describe()}"
+        if offloading:
+            assert chosen.activation_offloading == (offloading == " with activation offloading"), chosen.describe()
