@@ -3,10 +3,10 @@ Shared by `export`, `generate` and the multi-adapter API, and the place where a 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_trainer.damaged_files import check_safetensors, read_json_object
 from qlora_trainer.errors import UserError
 from qlora_trainer.recipe import ModelSection, QuantizationSection, Recipe
 
@@ -37,7 +37,9 @@ def find_adapter(path: Path, base_override: str | None = None) -> AdapterSource:
     if missing:
         hint = " (the run has not finished: no adapter/ yet)" if recipe is not None else ""
         raise UserError(f"{adapter_dir}: missing {', '.join(missing)}{hint}; pass a finished run or an adapter directory")
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    fix = "train or copy the adapter again" + (f" (a run's last checkpoint is in {path / 'checkpoints'})" if recipe else "")
+    config = read_json_object(adapter_dir / "adapter_config.json", fix)
+    check_safetensors([adapter_dir / "adapter_model.safetensors"], fix)
     if recipe is not None:
         base, quantization = recipe.model, recipe.quantization
     else:
@@ -47,7 +49,8 @@ def find_adapter(path: Path, base_override: str | None = None) -> AdapterSource:
     if not base.name_or_path:
         raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --base PATH")
     summary = path / "summary.json"
-    data_format = json.loads(summary.read_text()).get("data_format") if summary.is_file() else None
+    data_format = read_json_object(summary, f"restore it, or pass the adapter directory {adapter_dir}").get(
+        "data_format") if summary.is_file() else None
     return AdapterSource(adapter_dir, base, quantization, recipe, data_format)
 
 
