@@ -88,11 +88,9 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The one boundary: whatever goes wrong below ends here as one `qlora-trainer: error:` line and an exit code
     (docs/errors.md), never as a traceback on the terminal unless --debug asks for it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    first = next((arg for arg in argv if arg != "--debug"), None)
-    if first not in COMMANDS + ("-h", "--help"):
-        argv.insert(0, "train")
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    first = next((arg for arg in given if arg != "--debug"), None)
+    args = build_parser().parse_args(given if first in COMMANDS + ("-h", "--help") else ["train", *given])
     try:
         commands = {"train": _train, "estimate": _estimate, "export": _export, "generate": _generate, "recipes": _recipes}
         return commands[args.command](args)
@@ -103,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_FAILURE
     except Exception as err:  # noqa: BLE001 - the boundary: every error becomes one line (exit 2 or 1)
-        return _fail(err, args.debug, argv)
+        return _fail(err, args.debug, given)
 
 
 # OS errors on a path that was given to us: the path and the reason are the whole story, so it is bad input.

@@ -152,12 +152,24 @@ class KeptOnlyOnceStepped:
     def __exit__(self, kind, error, trace) -> bool:
         if error is None:
             return False
+        if self.trainer is not None:
+            _end_progress_bar(self.trainer)
         stepped = self.trainer is not None and self.trainer.state.global_step > 0
         if self.options.resume or stepped:
             error.run_dir = self.run
         elif self.launch.is_main:
             undo(self.run, self.made)
         return False
+
+
+def _end_progress_bar(trainer) -> None:
+    """Close the Trainer's progress bar, which a failure leaves open mid-line: the error must be a line of its own."""
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+            callback.training_bar.close()
+            callback.training_bar = None
 
 
 def _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt) -> dict | None:
