@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_trainer.damaged_files import check_safetensors, read_json_object
-from qlora_trainer.errors import UserError
+from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.recipe import ModelSection, QuantizationSection, Recipe
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -62,7 +62,11 @@ def load_adapter_tokenizer(source: AdapterSource):
 
     try:
         return AutoTokenizer.from_pretrained(source.adapter_dir)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as err:
+        saved = [name for name in ("tokenizer.json", "tokenizer_config.json") if (source.adapter_dir / name).is_file()]
+        if saved:  # a tokenizer was saved and is damaged: the base's may lack the chat template training used
+            raise UserError(f"{source.adapter_dir}: its tokenizer ({', '.join(saved)}) will not load ({first_line(err)}); "
+                            "copy the adapter again, or delete those files to use the base model's") from None
         print(f"{source.adapter_dir} holds no tokenizer; using the base model's", flush=True)
         return load_tokenizer(source.base)
 

@@ -23,6 +23,7 @@ from qlora_trainer.data import check_data_path, load_data
 from qlora_trainer.sequence_fit import describe_data, fit_to_tokenizer
 from qlora_trainer.errors import Interrupted, TrainingFailed, UserError, WontFitError, first_line
 from qlora_trainer.exact_match import exact_match_accuracy
+from qlora_trainer.failed_run import KeptOnlyOnceStepped
 from qlora_trainer.made_dirs import missing_dirs, undo
 from qlora_trainer.memory import estimate
 from qlora_trainer.memory_report import check_fits, fixes_that_fit, format_estimate, settings_from_recipe, shape_for_model
@@ -133,43 +134,8 @@ def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> 
     made = missing_dirs(options.output_dir)
     run, checkpoint, deferred = distributed.on_main(
         lambda: _open_run_dir(recipe, options, estimate_json, chosen, made), launch)
-    with KeptOnlyOnceStepped(run, made, options, launch) as attempt:
+    with KeptOnlyOnceStepped(run, made, options.resume, launch.is_main) as attempt:
         return _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt)
-
-
-class KeptOnlyOnceStepped:
-    """A new run that fails before its first optimizer step removes the directory it created, whatever the error,
-    so the same --output-dir can be used again at once. A run that stepped (and any resumed run) keeps it, and the
-    error carries it (`run_dir`) so that the command line saves an unexpected error's traceback there."""
-
-    def __init__(self, run: Path, made: list[Path], options: RunOptions, launch: Launch):
-        self.run, self.made, self.options, self.launch = run, made, options, launch
-        self.trainer = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, trace) -> bool:
-        if error is None:
-            return False
-        if self.trainer is not None:
-            _end_progress_bar(self.trainer)
-        stepped = self.trainer is not None and self.trainer.state.global_step > 0
-        if self.options.resume or stepped:
-            error.run_dir = self.run
-        elif self.launch.is_main:
-            undo(self.run, self.made)
-        return False
-
-
-def _end_progress_bar(trainer) -> None:
-    """Close the Trainer's progress bar, which a failure leaves open mid-line: the error must be a line of its own."""
-    from transformers.trainer_callback import ProgressCallback
-
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
-            callback.training_bar.close()
-            callback.training_bar = None
 
 
 def _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt) -> dict | None:

@@ -132,6 +132,15 @@ def test_a_truncated_base_fails_a_run_that_then_leaves_nothing(tiny_model_dir, t
                     "model.safetensors is damaged", watch=[tmp_path])
 
 
+@pytest.mark.parametrize("command", ["export", "generate"])
+def test_a_damaged_tokenizer_saved_with_the_adapter_is_named(adapter_dir, tmp_path, command):
+    """Falling back to the base's tokenizer would silently drop the chat template training used."""
+    damaged = truncated_copy(adapter_dir, tmp_path / "adapter", "tokenizer.json", 0.5)
+    argv = [command, str(damaged)] + (["--output", str(tmp_path / "new" / "out"), "--no-verify"] if command == "export"
+                                      else ["--prompt", "hello"])
+    refused_cleanly(argv, 2, "its tokenizer (tokenizer.json, tokenizer_config.json) will not load", watch=[tmp_path])
+
+
 def test_a_damaged_summary_in_a_run_is_named(adapter_dir, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(adapter_dir, run / "adapter")
