@@ -3,11 +3,11 @@ Shared by `export`, `generate` and the multi-adapter API, and the place where a 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_trainer.errors import UserError
+from qlora_trainer.damaged_files import check_safetensors, read_json_object
+from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.recipe import ModelSection, QuantizationSection, Recipe
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -37,7 +37,9 @@ def find_adapter(path: Path, base_override: str | None = None) -> AdapterSource:
     if missing:
         hint = " (the run has not finished: no adapter/ yet)" if recipe is not None else ""
         raise UserError(f"{adapter_dir}: missing {', '.join(missing)}{hint}; pass a finished run or an adapter directory")
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    fix = "train or copy the adapter again" + (f" (a run's last checkpoint is in {path / 'checkpoints'})" if recipe else "")
+    config = read_json_object(adapter_dir / "adapter_config.json", fix)
+    check_safetensors([adapter_dir / "adapter_model.safetensors"], fix)
     if recipe is not None:
         base, quantization = recipe.model, recipe.quantization
     else:
@@ -47,7 +49,8 @@ def find_adapter(path: Path, base_override: str | None = None) -> AdapterSource:
     if not base.name_or_path:
         raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --base PATH")
     summary = path / "summary.json"
-    data_format = json.loads(summary.read_text()).get("data_format") if summary.is_file() else None
+    data_format = read_json_object(summary, f"restore it, or pass the adapter directory {adapter_dir}").get(
+        "data_format") if summary.is_file() else None
     return AdapterSource(adapter_dir, base, quantization, recipe, data_format)
 
 
@@ -59,7 +62,11 @@ def load_adapter_tokenizer(source: AdapterSource):
 
     try:
         return AutoTokenizer.from_pretrained(source.adapter_dir)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as err:
+        saved = [name for name in ("tokenizer.json", "tokenizer_config.json") if (source.adapter_dir / name).is_file()]
+        if saved:  # a tokenizer was saved and is damaged: the base's may lack the chat template training used
+            raise UserError(f"{source.adapter_dir}: its tokenizer ({', '.join(saved)}) will not load ({first_line(err)}); "
+                            "copy the adapter again, or delete those files to use the base model's") from None
         print(f"{source.adapter_dir} holds no tokenizer; using the base model's", flush=True)
         return load_tokenizer(source.base)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
-from qlora_trainer.errors import EXIT_INTERRUPTED, EXIT_OK, TrainingFailed, UserError
+from qlora_trainer.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, InternalError, TrainingFailed, UserError
 
 COMMANDS = ("train", "estimate", "export", "generate", "recipes")
+DEBUG_HELP = "on an error, also print the full traceback (it always goes to a log file)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,9 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qlora-trainer",
         description="Fine-tune a language model with QLoRA on one GPU. Without a command, trains.",
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # --debug also after the command: each subcommand knows it, without overriding the top level's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a recipe (the default command)")
+    train = sub.add_parser("train", parents=[common], help="train a recipe (the default command)")
     _add_recipe_args(train)
     train.add_argument("--output-dir", type=Path, help="run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
@@ -27,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gpu-memory", type=float, metavar="GIB",
                        help="cap this process's GPU memory at GIB and plan the auto settings for it (train.gpu_memory_gib)")
 
-    est = sub.add_parser("estimate", help="predict the peak GPU memory of a run before loading anything")
+    est = sub.add_parser("estimate", parents=[common], help="predict the peak GPU memory of a run before loading anything")
     source = est.add_mutually_exclusive_group(required=True)
     source.add_argument("--recipe", help="shipped recipe name or path to a YAML recipe")
     source.add_argument("--model", help="local model directory, config.json, known architecture or hub id")
@@ -48,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--fit", action="store_true", help="with --gpu-memory: the longest seq_len and largest micro-batch that fit")
     est.add_argument("--json", action="store_true", help="print the contract's JSON instead of a table")
 
-    exp = sub.add_parser("export", help="merge an adapter into its base and write fp16/bf16 safetensors")
+    exp = sub.add_parser("export", parents=[common], help="merge an adapter into its base and write fp16/bf16 safetensors")
     exp.add_argument("source", type=Path, help="run directory or adapter directory")
     exp.add_argument("--output", type=Path, required=True, help="directory to write (must not exist unless --force)")
     exp.add_argument("--dtype", choices=["float16", "bfloat16"], help="dtype of the export (default: the recipe's export.dtype, else float16)")
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-verify", action="store_true", help="skip comparing the export's logits with the 4-bit model")
     exp.add_argument("--force", action="store_true", help="replace an existing --output")
 
-    gen = sub.add_parser("generate", help="generate text from a run, an adapter or a merged export")
+    gen = sub.add_parser("generate", parents=[common], help="generate text from a run, an adapter or a merged export")
     gen.add_argument("source", type=Path, help="run directory, adapter directory or merged export")
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
@@ -69,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
 
-    sub.add_parser("recipes", help="list the shipped recipes with their estimated GPU memory")
+    sub.add_parser("recipes", parents=[common], help="list the shipped recipes with their estimated GPU memory")
     return parser
 
 
@@ -80,19 +86,75 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
-        argv.insert(0, "train")
-    args = build_parser().parse_args(argv)
+    """The one boundary: whatever goes wrong below ends here as one `qlora-trainer: error:` line and an exit code
+    (docs/errors.md), never as a traceback on the terminal unless --debug asks for it."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    first = next((arg for arg in given if arg != "--debug"), None)
+    args = build_parser().parse_args(given if first in COMMANDS + ("-h", "--help") else ["train", *given])
     try:
         commands = {"train": _train, "estimate": _estimate, "export": _export, "generate": _generate, "recipes": _recipes}
         return commands[args.command](args)
-    except (UserError, TrainingFailed) as err:
-        _report(err)
-        return err.exit_code
     except KeyboardInterrupt:
         print("qlora-trainer: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`... | head`): nothing to report, and no one to report it to
+        _silence_stdout()
+        return EXIT_FAILURE
+    except Exception as err:  # noqa: BLE001 - the boundary: every error becomes one line (exit 2 or 1)
+        return _fail(err, args.debug, given)
+
+
+# OS errors on a path that was given to us: the path and the reason are the whole story, so it is bad input.
+# (ENOENT is not here: a missing input is checked where it enters; a missing file later on is our bug.)
+PATH_ERRNOS = {errno.EACCES: "check its permissions or choose another path", errno.EPERM:
+               "check its permissions or choose another path", errno.EROFS: "it is on a read-only file system; "
+               "choose another path", errno.EISDIR: "it is a directory where a file is expected",
+               errno.ENOTDIR: "a part of the path is a file, not a directory"}
+
+
+def _fail(err: Exception, debug: bool, argv: list[str]) -> int:
+    """Report an error that reached the boundary: ours as they are, a path's OS error as bad input (exit 2),
+    anything else as an internal error (exit 1) whose traceback is saved (error_log.py) and printed with --debug."""
+    import traceback
+
+    if debug:
+        traceback.print_exception(err, file=sys.stderr)
+    if isinstance(err, OSError) and err.filename and err.errno in PATH_ERRNOS:
+        err = UserError(f"{err.filename}: {err.strerror}; {PATH_ERRNOS[err.errno]}")
+    if isinstance(err, (UserError, TrainingFailed)):
+        _report(err)
+        return err.exit_code
+    _report(_internal(err, argv))
+    return InternalError.exit_code
+
+
+def _internal(err: Exception, argv: list[str]) -> InternalError:
+    """The one line for an unexpected error, after saving its traceback: in the run directory a failed run kept
+    (train.py marks the exception with it), else under the cache directory."""
+    from qlora_trainer.distributed import current_launch
+    from qlora_trainer.error_log import log_path, write_error_log
+
+    internal = err if isinstance(err, InternalError) else InternalError.wrapping(err)
+    launch = current_launch()
+    log = None
+    if launch.is_main or not getattr(err, "agreed", False):  # an agreed error is logged once, by the main process
+        log = write_error_log(log_path(getattr(err, "run_dir", None), launch.rank), internal.details, argv)
+    where = f"the full traceback is in {log}" if log else "the traceback could not be saved"
+    line = InternalError(f"internal error: {internal}; {where}; rerun with --debug to print it, and please report it "
+                         "if your input looks right")
+    line.agreed = getattr(err, "agreed", False)
+    return line
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush does not fail on the closed pipe again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests): nothing will flush to the pipe
+        pass
 
 
 def _report(err: Exception) -> None:
@@ -244,6 +306,10 @@ def _generate(args) -> int:
             line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise UserError(f"--file {args.file} is not UTF-8 text; save it as UTF-8") from None
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty; pass the text to continue, e.g. --prompt 'Hello'")
+    if not prompts:  # checked before loading the model: there would be nothing to generate from
+        raise UserError(f"--file {args.file} holds no prompts (every line is blank); write one prompt per line")
     model, tokenizer, data_format = load_for_inference(args.source, args.base)
     options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     for prompt in prompts:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from qlora_trainer.errors import TrainingFailed, UserError
+from qlora_trainer.errors import InternalError, TrainingFailed, UserError
 
 Strategy = Literal["single", "ddp", "fsdp"]
 
@@ -113,17 +113,23 @@ def any_process(flag: bool, device) -> bool:
 
 @contextmanager
 def together(launch: Launch):
-    """Run a block in every process; if it fails in any process with an error we report (bad input, a failed
-    run), all processes raise that error after the block, so none waits for the others in a later collective."""
+    """Run a block in every process; if it fails in any process, all processes raise that error after the block,
+    so none waits for the others in a later collective. An unexpected error travels as an InternalError."""
     if not launch.distributed:
         yield
         return
     error: Exception | None = None
     try:
         yield
-    except (UserError, TrainingFailed) as err:
-        error = err
+    except Exception as err:  # noqa: BLE001 - every process must learn of any failure, or the others wait forever
+        error = portable(err)
     raise_first(gather(error, launch))
+
+
+def portable(err: Exception) -> Exception:
+    """The error as it can travel to the other processes: ours as they are, anything else as an InternalError
+    (a library's exception may not survive pickling)."""
+    return err if isinstance(err, (UserError, TrainingFailed, InternalError)) else InternalError.wrapping(err)
 
 
 def agreed(error: Exception) -> Exception:
@@ -136,7 +142,11 @@ def raise_first(errors: list[Exception | None]) -> None:
     """Raise the lowest rank's error in every process."""
     for rank, error in enumerate(errors):
         if error is not None:
-            raise agreed(type(error)(f"process {rank}: {error}") if rank else error)
+            if rank:
+                named = type(error)(f"process {rank}: {error}")
+                named.__dict__.update(error.__dict__)  # an InternalError's traceback text
+                error = named
+            raise agreed(error)
 
 
 def on_main(fn: Callable[[], Any], launch: Launch) -> Any:
@@ -147,8 +157,8 @@ def on_main(fn: Callable[[], Any], launch: Launch) -> Any:
     if launch.is_main:
         try:
             result = fn()
-        except (UserError, TrainingFailed) as err:
-            error = err
+        except Exception as err:  # noqa: BLE001 - handed to every process, as in together()
+            error = portable(err)
     results = gather((result, error), launch)
     raise_first([err for _, err in results])
     return results[0][0]

@@ -33,6 +33,24 @@ class Interrupted(TrainingFailed):
     exit_code = EXIT_INTERRUPTED
 
 
+class InternalError(Exception):
+    """An exception nobody anticipated (a bug, or a library failure not yet mapped to bad input), carried as text:
+    its type and first line in the message, the whole traceback in `details`. Processes exchange errors by
+    pickling them, and an arbitrary library exception may not survive that; this one does. Exit code 1."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+    @classmethod
+    def wrapping(cls, err: BaseException) -> "InternalError":
+        import traceback
+
+        return cls(f"{type(err).__name__}: {first_line(err)}", "".join(traceback.format_exception(err)))
+
+
 def first_line(err: Exception) -> str:
     """The first line of an exception's message (or its type), for one-line error messages."""
     text = str(err).strip()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from qlora_trainer import model as model_lib
 from qlora_trainer.adapter_source import (
     AdapterSource, check_adapter_matches, find_adapter, load_adapter_tokenizer, lora_module,
 )
+from qlora_trainer.damaged_files import check_safetensors
 from qlora_trainer.errors import UserError
+from qlora_trainer.made_dirs import missing_dirs, remove_made
 from qlora_trainer.export_verify import DEFAULT_PROMPTS, compare_logits, verification_prompts
 from qlora_trainer.model import DTYPES
 
@@ -55,7 +58,6 @@ def export(options: ExportOptions) -> dict:
     if options.output.resolve() in (options.source.resolve(), *options.source.resolve().parents):
         raise UserError(f"--output {options.output} would replace the run or adapter it exports; choose another directory")
     _shard_bytes(options.max_shard_size)  # a bad size is bad input, found before any work
-    options.output.parent.mkdir(parents=True, exist_ok=True)  # stage beside the output: the final rename stays on one disk
     source = find_adapter(options.source, options.base)
     if options.dtype is None:
         options.dtype = source.recipe.export.dtype if source.recipe else "float16"
@@ -64,7 +66,8 @@ def export(options: ExportOptions) -> dict:
     print(f"Merging {source.adapter_dir} into {source.base.name_or_path} "
           f"({'NF4-dequantized' if options.base_weights == 'dequantized' else 'original 16-bit'} base weights) -> {options.dtype}")
 
-    staging = Path(tempfile.mkdtemp(dir=options.output.parent, prefix=f".{options.output.name}.tmp-"))
+    made = missing_dirs(options.output.parent)
+    staging = _staging_dir(options.output, made)
     try:
         if not merge_streaming(source, options, config, staging):
             write_export(merge(source, options), source, staging, options)
@@ -73,8 +76,22 @@ def export(options: ExportOptions) -> dict:
         _move_into_place(staging, options.output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left looking like an export
+        remove_made(made)  # nor the parent directories made for it
         raise
     return report
+
+
+def _staging_dir(output: Path, made: list[Path]) -> Path:
+    """A temporary directory beside the output (the final rename then stays on one disk), making the output's
+    missing parents as `mkdir -p` would; `made` lists them, for removing them again if the export fails."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    except OSError as err:
+        remove_made(made)
+        reason = "a part of it is a file" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
+        raise UserError(f"--output {output}: cannot write in {output.parent} ({reason}); choose a writable "
+                        "directory") from None
 
 
 def merge_streaming(source: AdapterSource, options: ExportOptions, config, target: Path) -> bool:
@@ -84,6 +101,8 @@ def merge_streaming(source: AdapterSource, options: ExportOptions, config, targe
     from safetensors import safe_open
 
     files = _base_weight_files(source)
+    check_safetensors(files, f"the weights of base '{source.base.name_or_path}': copy or download them again, or "
+                             "pass another copy with --base")
     names = model_lib.meta_model(config)
     expected, quantized = set(names.state_dict()), model_lib.quantized_linear_names(names)
     keys = []
@@ -337,11 +356,19 @@ def _write_model_card(target: Path, source: AdapterSource, options: ExportOption
 
 
 def _move_into_place(staging: Path, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.exists():  # --force: swap, so a failure never leaves neither the old nor the new export
-        old = output.with_name(f".{output.name}.old")
-        output.rename(old)
+    """Rename the finished export into place. With --force the old one is moved aside first and put back if the
+    rename fails, so a failure never leaves neither; once the new one is in place the old one is deleted."""
+    if not (output.exists() or output.is_symlink()):
         staging.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+    output.rename(old)
+    try:
         staging.rename(output)
+    except BaseException:
+        old.rename(output)
+        raise
+    try:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    except OSError as err:  # the export is done; what is left is the previous one, and the user must know where
+        print(f"WARNING: the previous {output} was moved to {old} but could not be deleted ({err.strerror}); delete it")

@@ -10,6 +10,8 @@ import torch
 from qlora_trainer import model as model_lib
 from qlora_trainer.adapter_source import check_adapter_matches, find_adapter, is_merged_model, load_adapter_tokenizer
 from qlora_trainer.chat_templates import ALPACA_PROMPT
+from qlora_trainer.damaged_files import check_safetensors, safetensors_of
+from qlora_trainer.errors import UserError, first_line
 
 
 @dataclass
@@ -26,8 +28,12 @@ def load_for_inference(path: Path, base: str | None = None):
 
     device = model_lib.default_device()
     if is_merged_model(path):
-        model = AutoModelForCausalLM.from_pretrained(path, device_map={"": device}, use_safetensors=True)
-        return model, AutoTokenizer.from_pretrained(path), None
+        check_safetensors(safetensors_of(path), "export it again")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, device_map={"": device}, use_safetensors=True)
+            return model, AutoTokenizer.from_pretrained(path), None
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: cannot load the merged model ({first_line(err)}); export it again") from None
     from peft import PeftModel
 
     source = find_adapter(path, base)

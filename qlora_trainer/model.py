@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_trainer.damaged_files import damaged_safetensors, safetensors_of
 from qlora_trainer.demo_model import demo_model_path, is_demo_model
 from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import UserError, first_line
@@ -71,6 +72,8 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, device: str
     """
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     path = resolve_model_path(model)
     sharded = launch.strategy == "fsdp"
     device_map = None if sharded else {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
@@ -85,6 +88,11 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, device: str
             device_map=device_map,
             use_safetensors=not model.allow_pickle_weights,  # unpickling can run code: safetensors unless allowed
         )
+    except SafetensorError as err:
+        found = damaged_safetensors(safetensors_of(Path(path)))
+        culprit = f"{found[0]} is damaged ({found[1]})" if found else \
+            f"a weights file of '{model.name_or_path}' is damaged ({first_line(err)})"
+        raise UserError(f"model.name_or_path: {culprit}; copy or download the model again") from None
     except OSError as err:
         if "safetensors" in str(err) and not model.allow_pickle_weights:
             raise UserError(f"model.name_or_path: '{model.name_or_path}' has no safetensors weights; convert them, or set "

@@ -45,9 +45,15 @@ def prepare_run_dir(path: Path, resume: bool) -> Path:
 
 def latest_checkpoint(path: Path) -> Path | None:
     """The newest complete trainer checkpoint (one with trainer_state.json) under the run's checkpoints/."""
+    found = complete_checkpoints(path)
+    return found[0] if found else None
+
+
+def complete_checkpoints(path: Path) -> list[Path]:
+    """The run's complete checkpoints (those with trainer_state.json), newest first."""
     found = [(int(p.name.split("-")[-1]), p) for p in (path / CHECKPOINTS).glob("checkpoint-*")
              if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -1,15 +1,20 @@
-"""The SFTTrainer we run, with three changes: checkpoints are complete or absent, a resumed adapter keeps the
-dtype it trained in, and under FSDP the adapter is saved and restored whole (fsdp_adapter.py says why)."""
+"""The SFTTrainer we run, with four changes: checkpoints are complete or absent, a resumed adapter keeps the
+dtype it trained in, under FSDP the adapter is saved and restored whole (fsdp_adapter.py says why), and a
+checkpoint that fails to load is named."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from transformers.trainer_utils import rotate_checkpoints
 
 from qlora_trainer import fsdp_adapter
+from qlora_trainer.errors import TrainingFailed, UserError
+from qlora_trainer.resume import wont_load
 
 STAGING = ".partial"
 
@@ -58,17 +63,23 @@ def qlora_sft_trainer():
             run would not continue the uninterrupted one (DESIGN.md, known traps)."""
             target = model if model is not None else self.model
             dtypes = {name: p.dtype for name, p in target.named_parameters() if p.requires_grad}
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            if self.is_fsdp_enabled:
-                fsdp_adapter.load_adapter_into(target, self.peft_model, self.adapter_names, Path(resume_from_checkpoint))
+            with _loading(resume_from_checkpoint):
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+                if self.is_fsdp_enabled:
+                    fsdp_adapter.load_adapter_into(target, self.peft_model, self.adapter_names, Path(resume_from_checkpoint))
             for name, param in target.named_parameters():
                 if name in dtypes and param.dtype != dtypes[name]:
                     param.data = param.data.to(dtypes[name])
 
         def _load_optimizer_and_scheduler(self, checkpoint):
-            super()._load_optimizer_and_scheduler(checkpoint)
-            if checkpoint is not None and self.is_fsdp_enabled:
-                fsdp_adapter.load_optimizer_state(self.model, self.optimizer.optimizer, Path(checkpoint))
+            with _loading(checkpoint):
+                super()._load_optimizer_and_scheduler(checkpoint)
+                if checkpoint is not None and self.is_fsdp_enabled:
+                    fsdp_adapter.load_optimizer_state(self.model, self.optimizer.optimizer, Path(checkpoint))
+
+        def _load_rng_state(self, checkpoint):
+            with _loading(checkpoint):
+                super()._load_rng_state(checkpoint)
 
         @property
         def peft_model(self):
@@ -86,3 +97,15 @@ def qlora_sft_trainer():
                 fsdp_adapter.save_gathered_adapter(self.peft_model, state, self.adapter_names, directory)
 
     return QLoraSFTTrainer
+
+
+@contextmanager
+def _loading(checkpoint):
+    """resume.py reads every file back before a resume, so this is for what still fails in the Trainer's own
+    loading: the error names the checkpoint and what to delete instead of escaping as the library's."""
+    try:
+        yield
+    except (UserError, TrainingFailed, torch.cuda.OutOfMemoryError, MemoryError):
+        raise  # ours already, or the machine's, not the checkpoint's
+    except Exception as err:  # noqa: BLE001 - any failure here is this checkpoint's, whatever library raised it
+        raise wont_load(Path(checkpoint), err) from err

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -24,10 +23,13 @@ from qlora_trainer.data import check_data_path, load_data
 from qlora_trainer.sequence_fit import describe_data, fit_to_tokenizer
 from qlora_trainer.errors import Interrupted, TrainingFailed, UserError, WontFitError, first_line
 from qlora_trainer.exact_match import exact_match_accuracy
+from qlora_trainer.failed_run import KeptOnlyOnceStepped
+from qlora_trainer.made_dirs import missing_dirs, undo
 from qlora_trainer.memory import estimate
 from qlora_trainer.memory_report import check_fits, fixes_that_fit, format_estimate, settings_from_recipe, shape_for_model
 from qlora_trainer.metrics import GIB, MetricsLogger, plot_loss, read_metrics
 from qlora_trainer.recipe import Recipe, dump_recipe, launch_command
+from qlora_trainer.resume import WriteWhenLoaded, resumed_metrics, usable_checkpoint
 from qlora_trainer.safeguards import StopOnNonFinite, StopOnSignal
 from qlora_trainer.sft_trainer import qlora_sft_trainer
 from qlora_trainer.run_dir import CHECKPOINTS, SUMMARY, latest_checkpoint, prepare_run_dir, write_json_atomic, write_text_atomic
@@ -129,12 +131,22 @@ def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> 
         return None
     recipe, shape, predicted, chosen, data, tokenizer = prepared
     estimate_json = auto_settings.estimate_json(predicted, chosen)
-    run, checkpoint = distributed.on_main(lambda: _open_run_dir(recipe, options, estimate_json, chosen), launch)
+    made = missing_dirs(options.output_dir)
+    run, checkpoint, deferred = distributed.on_main(
+        lambda: _open_run_dir(recipe, options, estimate_json, chosen, made), launch)
+    with KeptOnlyOnceStepped(run, made, options.resume, launch.is_main) as attempt:
+        return _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt)
+
+
+def _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt) -> dict | None:
+    """The run from loading the model to summary.json, in the run directory `_open_run_dir` made."""
+    recipe, shape, predicted, chosen, data, tokenizer = prepared
     context_bytes = gpu_memory.context_bytes() if device == "cuda" else None
 
     torch.manual_seed(recipe.train.seed)
     guards = (StopOnSignal(), StopOnNonFinite())
-    trainer = _build_or_clean_up(recipe, options, launch, tokenizer, data, run, device, guards)
+    attempt.trainer = trainer = _build(recipe, launch, tokenizer, data, run, device,
+                                       (*guards, WriteWhenLoaded(run, deferred)))
     outcome = Outcome(report=model_lib.parameter_report(trainer.model), plan=chosen)
     print(model_lib.format_parameter_report(outcome.report), flush=True)
 
@@ -211,19 +223,14 @@ def _settle_auto(recipe: Recipe, options: RunOptions, launch: Launch, device: st
     return auto_settings.apply_plan(recipe, chosen), chosen
 
 
-def _build_or_clean_up(recipe, options, launch, tokenizer, data, run, device, guards):
-    """Load the 4-bit base and build the trainer; a run that never started leaves no directory needing --resume."""
-    try:
-        with distributed.together(launch):
-            try:
-                base = model_lib.load_base_model(recipe.model, recipe.quantization, device, launch)
-                return build_trainer(recipe, base, tokenizer, data, run, device, launch, callbacks=guards)
-            except ImportError as err:
-                raise UserError(f"{first_line(err)}; install the missing package or change model.attn_implementation") from None
-    except UserError:
-        if launch.is_main and not options.resume:
-            shutil.rmtree(run, ignore_errors=True)
-        raise
+def _build(recipe, launch, tokenizer, data, run, device, callbacks):
+    """Load the 4-bit base and build the trainer, in every process together."""
+    with distributed.together(launch):
+        try:
+            base = model_lib.load_base_model(recipe.model, recipe.quantization, device, launch)
+            return build_trainer(recipe, base, tokenizer, data, run, device, launch, callbacks=callbacks)
+        except ImportError as err:
+            raise UserError(f"{first_line(err)}; install the missing package or change model.attn_implementation") from None
 
 
 @dataclass
@@ -331,25 +338,35 @@ def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted,
     return result
 
 
-def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict,
-                  chosen: auto_settings.Plan) -> tuple[Path, Path | None]:
-    """Create the run directory with the resolved recipe and the estimate; find the checkpoint to resume."""
-    run = prepare_run_dir(options.output_dir, options.resume)
-    if options.resume:
-        _check_same_run(recipe, run / "recipe.yaml")
-    checkpoint = latest_checkpoint(run) if options.resume else None
-    if options.resume and checkpoint is None:
-        print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")
+def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chosen: auto_settings.Plan,
+                  made: list[Path]) -> tuple[Path, Path | None, dict[str, str]]:
+    """Create the run directory with the resolved recipe and the estimate; or, resuming, find the checkpoint and
+    return the files to rewrite once it has loaded (resume.py)."""
+    try:
+        run = prepare_run_dir(options.output_dir, options.resume)
+    except BaseException:
+        if options.output_dir in made:  # refused after making it (unwritable): take away what it made
+            undo(options.output_dir, made)
+        raise
     header = f"# python -m qlora_trainer --recipe {run / 'recipe.yaml'}\n"
     if chosen.chosen:  # the saved values are concrete, so that a resume trains exactly as the run started
         header += f"# auto settings ({', '.join(chosen.chosen)}) were settled to: {chosen.describe()}\n"
-    write_text_atomic(run / "recipe.yaml", header + dump_recipe(recipe))
-    write_json_atomic(run / "estimate.json", estimate_json)
-    if options.resume:  # the steps after the checkpoint will be logged again: drop their first rows
-        resumed_at = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
-        kept = [r for r in read_metrics(run / "metrics.jsonl") if r["step"] <= resumed_at]
-        write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    return run, checkpoint
+    files = {"recipe.yaml": header + dump_recipe(recipe), "estimate.json": json.dumps(estimate_json, indent=2) + "\n"}
+    if not options.resume:
+        try:
+            for name, text in files.items():
+                write_text_atomic(run / name, text)
+        except BaseException:
+            undo(run, made)  # a run that never began leaves nothing
+            raise
+        return run, None, {}
+    _check_same_run(recipe, run / "recipe.yaml")
+    checkpoint = usable_checkpoint(run)
+    if checkpoint is None:
+        print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")
+    # The steps after the checkpoint will be logged again: drop their first rows.
+    files["metrics.jsonl"] = resumed_metrics(run, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
+    return run, checkpoint, files
 
 
 def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str, launch: Launch = Launch(),
