@@ -59,9 +59,10 @@ def settings_from_recipe(recipe: Recipe, launch=None) -> Settings:
         strategy, gpus, offload = d.strategy, d.num_gpus, d.cpu_offload
     else:
         strategy, gpus, offload = launch.strategy, launch.world_size, launch.cpu_offload
-    unsettled = [key for key in PLANNED_KEYS + ("kernels",) if getattr(train, key) == AUTO]
+    unsettled = [f"train.{key}" for key in PLANNED_KEYS + ("kernels",) if getattr(train, key) == AUTO]
+    unsettled += ["model.attn_implementation"] if recipe.model.attn_implementation == AUTO else []
     if unsettled:
-        raise RuntimeError(f"train.{', train.'.join(unsettled)} still auto: auto_settings.plan() settles them first")
+        raise RuntimeError(f"{', '.join(unsettled)} still auto: auto_settings.plan() settles them first")
     return Settings(
         rank=lora.r, target_modules=lora.target_modules, lora_dropout=lora.dropout, use_dora=lora.use_dora,
         lora_dtype=lora.dtype, compute_dtype=recipe.quantization.compute_dtype,
