@@ -24,6 +24,12 @@ def shape_for_model(name_or_path: str, trust_remote_code: bool = False) -> Model
 
 
 def _supported_shape(config, name: str) -> ModelShape:
+    if config.get_text_config() is not config:
+        # A composite config (text plus vision or audio) loads as the whole multimodal model: LoRA's all-linear
+        # would wrap the vision tower too, and the estimator's terms describe the language model only.
+        raise UserError(f"model.name_or_path: '{name}' is a multimodal model ({config.model_type}, "
+                        f"{', '.join(config.architectures or ['no architectures listed'])}); qlora-trainer trains "
+                        "text-only causal language models: use a text-only checkpoint of the family")
     try:
         return model_shape(config, name)
     except (AttributeError, ValueError, KeyError) as err:  # configs without the decoder fields the estimator reads
