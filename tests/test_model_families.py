@@ -220,3 +220,17 @@ def test_family_recipes_fit_the_card_their_header_names(name, card_gib, attentio
     assert result["inputs"]["attn_implementation"] == attention == result["auto"]["attn_implementation"]
     assert cli.main(["recipes"]) == 0
     assert name in capsys.readouterr().out
+
+
+def test_a_multimodal_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    """Gemma-3 4B and up: AutoModelForCausalLM builds the whole image-text model from their config."""
+    from transformers import Gemma3Config
+
+    text = dict(TINY, vocab_size=320)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    Gemma3Config(text_config=text, vision_config=vision, architectures=["Gemma3ForConditionalGeneration"]).save_pretrained(tmp_path)
+    assert cli.main(["estimate", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a multimodal model (gemma3, Gemma3ForConditionalGeneration)" in err[0]
+    assert err[0].startswith("qlora-trainer: error: model.name_or_path:") and "text-only checkpoint" in err[0]
