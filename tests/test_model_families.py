@@ -207,7 +207,7 @@ def test_auto_attention_drives_the_estimate_and_packing():
 
 
 @pytest.mark.parametrize("name, card_gib, attention", [
-    ("qwen3-8b-r16", 8, "sdpa"), ("llama3.2-3b-r16", 8, "sdpa"), ("gemma2-9b-r16", 12, "eager"),
+    ("qwen3-8b-r16", 12, "sdpa"), ("llama3.2-3b-r16", 8, "sdpa"), ("gemma2-9b-r16", 12, "eager"),
 ])
 def test_family_recipes_fit_the_card_their_header_names(name, card_gib, attention, capsys):
     from qlora_trainer.recipe import find_recipe
