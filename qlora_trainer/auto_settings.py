@@ -69,8 +69,8 @@ class Plan:
     def to_json(self) -> dict:
         return {"micro_batch_size": self.micro_batch_size, "gradient_checkpointing": self.gradient_checkpointing,
                 "activation_offloading": self.activation_offloading, "kernels": self.kernels,
-                "attn_implementation": self.attn_implementation, "predicted_gib": round(self.predicted_gib, 3), "budget_gib": self.budget.gib,
-                "budget_source": self.budget.source, "fits": self.fits, "chosen": self.chosen,
+                "attn_implementation": self.attn_implementation, "predicted_gib": round(self.predicted_gib, 3),
+                "budget_gib": self.budget.gib, "budget_source": self.budget.source, "fits": self.fits, "chosen": self.chosen,
                 "reason": self.describe(), "notes": self.notes}
 
 
