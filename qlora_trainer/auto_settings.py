@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from qlora_trainer import attention
 from qlora_trainer.errors import UserError
 from qlora_trainer.memory import GIB, ModelShape, estimate
 from qlora_trainer.memory_report import settings_from_recipe
@@ -53,10 +54,12 @@ class Plan:
     fits: bool
     chosen: list[str]  # the keys that were `auto`
     notes: list[str] = dataclasses.field(default_factory=list)
+    attn_implementation: str = "sdpa"  # the implementation the model runs with (settled from `auto`)
 
     def describe(self) -> str:
         settings = (f"micro-batch {self.micro_batch_size}, checkpointing {_on(self.gradient_checkpointing)}, "
-                    f"offloading {_on(self.activation_offloading)}, kernels {self.kernels}")
+                    f"offloading {_on(self.activation_offloading)}, kernels {self.kernels}, "
+                    f"{self.attn_implementation} attention")
         if self.budget.gib is None:
             return f"{settings}: {self.predicted_gib:.1f} GiB predicted ({self.budget.source})"
         verdict = "the fastest that fits" if self.fits else "nothing fits; this is the smallest"
@@ -66,8 +69,8 @@ class Plan:
     def to_json(self) -> dict:
         return {"micro_batch_size": self.micro_batch_size, "gradient_checkpointing": self.gradient_checkpointing,
                 "activation_offloading": self.activation_offloading, "kernels": self.kernels,
-                "predicted_gib": round(self.predicted_gib, 3), "budget_gib": self.budget.gib,
-                "budget_source": self.budget.source, "fits": self.fits, "chosen": self.chosen,
+                "attn_implementation": self.attn_implementation, "predicted_gib": round(self.predicted_gib, 3),
+                "budget_gib": self.budget.gib, "budget_source": self.budget.source, "fits": self.fits, "chosen": self.chosen,
                 "reason": self.describe(), "notes": self.notes}
 
 
@@ -83,7 +86,11 @@ def relative_time_per_token(micro_batch: int, checkpointing: bool, offloading: b
 def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch=None) -> Plan:
     """Choose the `auto` micro-batch, checkpointing and offloading: the largest micro-batch predicted to fit
     within the budget less the safety margin, in its fastest configuration. Without a budget (CPU, or an estimate without --gpu-memory),
-    `auto` keeps the schema's safe defaults: micro-batch 1, checkpointing on, offloading off."""
+    `auto` keeps the schema's safe defaults: micro-batch 1, checkpointing on, offloading off.
+    The attention implementation is settled first: its activation terms differ (eager keeps seq_len^2 scores)."""
+    attn = attention.resolve(shape, recipe.model.attn_implementation)
+    auto_attention = ["attn_implementation"] if recipe.model.attn_implementation == AUTO else []
+    recipe = settle_model(recipe, attn_implementation=attn)
     t = recipe.train
     world = launch.world_size if launch is not None else recipe.distributed.num_gpus
     kernels, notes = choose_kernels(recipe, shape.model_type, on_gpu)
@@ -94,8 +101,8 @@ def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch
     if budget.gib is None or not on_gpu:
         values = {key: defaults[key] if value == AUTO else value for key, value in fixed.items()}
         predicted = _predict(recipe, shape, kernels, launch, **values)
-        return Plan(**values, kernels=kernels, predicted_gib=predicted, budget=budget, fits=True, chosen=chosen,
-                    notes=notes)
+        return Plan(**values, kernels=kernels, predicted_gib=predicted, budget=budget, fits=True,
+                    chosen=chosen + auto_attention, notes=notes, attn_implementation=attn)
     limit = budget.gib * (1 - SAFETY_MARGIN)
     scored = []
     for values in _candidates(fixed, t.global_batch(world) // world):
@@ -109,8 +116,8 @@ def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch
     # the smallest, so that the fit check names the fixes.
     best = (min(fitting, key=lambda c: (-c[3]["micro_batch_size"], c[1], c[2])) if fitting
             else min(scored, key=lambda c: c[2]))
-    return Plan(**best[3], kernels=kernels, predicted_gib=best[2], budget=budget, fits=bool(fitting), chosen=chosen,
-                notes=notes)
+    return Plan(**best[3], kernels=kernels, predicted_gib=best[2], budget=budget, fits=bool(fitting),
+                chosen=chosen + auto_attention, notes=notes, attn_implementation=attn)
 
 
 def _candidates(fixed: dict, per_process_batch: int) -> list[dict]:
@@ -145,7 +152,15 @@ def settle(recipe: Recipe, **values) -> Recipe:
     return Recipe.model_validate(raw)
 
 
+def settle_model(recipe: Recipe, **values) -> Recipe:
+    """The recipe with these model keys set to concrete values, validated again."""
+    raw = recipe.model_dump(mode="json")
+    raw["model"].update(values)
+    return Recipe.model_validate(raw)
+
+
 def apply_plan(recipe: Recipe, chosen: Plan) -> Recipe:
+    recipe = settle_model(recipe, attn_implementation=chosen.attn_implementation)
     return settle(recipe, micro_batch_size=chosen.micro_batch_size, gradient_checkpointing=chosen.gradient_checkpointing,
                   activation_offloading=chosen.activation_offloading, kernels=chosen.kernels)
 
@@ -185,7 +200,10 @@ def choose_kernels(recipe: Recipe, model_type: str, on_gpu: bool) -> tuple[str, 
 def settle_packing(recipe: Recipe, mean_tokens: float, on_gpu: bool, attn_implementation: str) -> tuple[Recipe, list[str]]:
     """`auto` packing: on a GPU, pack when rows average at most PACK_BELOW of seq_len; padding-free follows
     packing. Eager attention stays unpacked: over a padding-free row it scores every token against every other
-    of the micro-batch, micro-batch^2 times the memory of separate rows."""
+    of the micro-batch, micro-batch^2 times the memory of separate rows. `attn_implementation` is the resolved
+    one (plan() settles `auto`): an `auto` that becomes eager, as for Gemma-2, must not pack."""
+    if attn_implementation == AUTO:
+        raise RuntimeError("model.attn_implementation is still auto: auto_settings.plan() settles it first")
     t = recipe.train
     if t.packing != AUTO and t.padding_free != AUTO:
         return recipe, []

@@ -210,7 +210,7 @@ def _estimate(args) -> int:
         global_batch = recipe.train.global_batch()
     else:
         shape = report.shape_for_model(args.model) if args.model else report.shape_for_size(args.model_size)
-        settings = Settings()
+        settings = Settings(attn_implementation=shape.default_attention)  # as a recipe's `auto` would run it
     changes = {"rank": args.rank, "seq_len": args.seq_len, "batch_size": args.batch_size, "optimizer": args.optimizer,
                "num_gpus": args.gpus, "strategy": args.strategy}
     settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})

@@ -59,11 +59,13 @@ def demo_model_path(name_or_path: str) -> Path:
 def build_demo_model(spec: dict, target: Path) -> None:
     """Write tokenizer and random-weight model to a temporary directory, then rename it into place."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = _train_tokenizer(shipped_recipes_dir() / spec["corpus"], spec["vocab_size"])
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec["config"])
+    # Any family transformers knows (spec["model_type"]; Llama by default): tests build one of each this way.
+    config = AutoConfig.for_model(spec.get("model_type", "llama"), vocab_size=len(tokenizer),
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, **spec["config"])
     torch.manual_seed(0)  # the same demo model on every machine
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,9 @@ class ModelShape:
     total_params: int
     norms_per_layer: int = 2  # hidden-size norms in one decoder layer (Gemma-2 has four)
     attn_softcapping: bool = False  # attention logits soft-capped with tanh (Gemma-2): eager saves the tanh too
+    model_class: str = ""  # the class AutoModelForCausalLM builds for the config
+    default_attention: str = "sdpa"  # what transformers picks when asked for nothing (`auto`)
+    supported_attention: tuple[str, ...] = ("sdpa", "eager")  # what the class accepts when asked explicitly
 
     @property
     def quantized(self) -> list[Linear]:
@@ -171,6 +174,7 @@ def model_shape(config, name: str) -> ModelShape:
     """Build the model on the meta device (no memory) and read every linear layer's shape."""
     import torch
 
+    from qlora_trainer.attention import default_implementation, supported_implementations
     from qlora_trainer.model import meta_model, quantized_linear_names
 
     model = meta_model(config)
@@ -197,6 +201,9 @@ def model_shape(config, name: str) -> ModelShape:
         total_params=sum(p.numel() for p in params.values()),
         norms_per_layer=_norms_per_layer(model, text, linear_params),
         attn_softcapping=getattr(text, "attn_logit_softcapping", None) is not None,
+        model_class=type(model).__name__,
+        default_attention=default_implementation(model),
+        supported_attention=supported_implementations(model),
     )
 
 

@@ -24,6 +24,12 @@ def shape_for_model(name_or_path: str, trust_remote_code: bool = False) -> Model
 
 
 def _supported_shape(config, name: str) -> ModelShape:
+    if config.get_text_config() is not config:
+        # A composite config (text plus vision or audio) loads as the whole multimodal model: LoRA's all-linear
+        # would wrap the vision tower too, and the estimator's terms describe the language model only.
+        raise UserError(f"model.name_or_path: '{name}' is a multimodal model ({config.model_type}, "
+                        f"{', '.join(config.architectures or ['no architectures listed'])}); qlora-trainer trains "
+                        "text-only causal language models: use a text-only checkpoint of the family")
     try:
         return model_shape(config, name)
     except (AttributeError, ValueError, KeyError) as err:  # configs without the decoder fields the estimator reads
@@ -59,9 +65,10 @@ def settings_from_recipe(recipe: Recipe, launch=None) -> Settings:
         strategy, gpus, offload = d.strategy, d.num_gpus, d.cpu_offload
     else:
         strategy, gpus, offload = launch.strategy, launch.world_size, launch.cpu_offload
-    unsettled = [key for key in PLANNED_KEYS + ("kernels",) if getattr(train, key) == AUTO]
+    unsettled = [f"train.{key}" for key in PLANNED_KEYS + ("kernels",) if getattr(train, key) == AUTO]
+    unsettled += ["model.attn_implementation"] if recipe.model.attn_implementation == AUTO else []
     if unsettled:
-        raise RuntimeError(f"train.{', train.'.join(unsettled)} still auto: auto_settings.plan() settles them first")
+        raise RuntimeError(f"{', '.join(unsettled)} still auto: auto_settings.plan() settles them first")
     return Settings(
         rank=lora.r, target_modules=lora.target_modules, lora_dropout=lora.dropout, use_dora=lora.use_dora,
         lora_dtype=lora.dtype, compute_dtype=recipe.quantization.compute_dtype,

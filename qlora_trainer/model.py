@@ -11,7 +11,7 @@ from qlora_trainer.damaged_files import damaged_safetensors, safetensors_of
 from qlora_trainer.demo_model import demo_model_path, is_demo_model
 from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import UserError, first_line
-from qlora_trainer.recipe import LoraSection, ModelSection, QuantizationSection
+from qlora_trainer.recipe import AUTO, LoraSection, ModelSection, QuantizationSection
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -84,7 +84,8 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, device: str
             trust_remote_code=model.trust_remote_code,
             quantization_config=quantization_config(quant, sharded),
             dtype=DTYPES[quant.compute_dtype],
-            attn_implementation=model.attn_implementation,
+            # `auto` passes nothing: transformers picks per model, as the plan predicted (attention.py).
+            attn_implementation=None if model.attn_implementation == AUTO else model.attn_implementation,
             device_map=device_map,
             use_safetensors=not model.allow_pickle_weights,  # unpickling can run code: safetensors unless allowed
         )

@@ -30,8 +30,9 @@ class ModelSection(_Section):
     allow_pickle_weights: bool = Field(
         False, description="Also load pickle (.bin) weights, which can run code when unpickled; safetensors only by default."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel; sdpa avoids the seq_len^2 attention matrix on GPUs."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; `auto`: what transformers picks for the model (sdpa, which avoids the "
+        "seq_len^2 attention matrix, where the model supports it; eager for Gemma-2). The run's recipe.yaml records it."
     )
 
 

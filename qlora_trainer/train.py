@@ -64,7 +64,8 @@ def describe_plan(recipe: Recipe, options: RunOptions, device: str, launch: Laun
     data = recipe.data.path + (f" (eval: {recipe.data.eval_path})" if recipe.data.eval_path else "")
     return "\n".join([
         f"qlora-trainer: recipe {options.recipe_name}",
-        f"  model     {recipe.model.name_or_path}: 4-bit {q.quant_type}{' + double quant' if q.double_quant else ''}, compute {q.compute_dtype}",
+        f"  model     {recipe.model.name_or_path}: 4-bit {q.quant_type}{' + double quant' if q.double_quant else ''}, "
+        f"compute {q.compute_dtype}, {recipe.model.attn_implementation} attention{_attention_origin(chosen)}",
         f"  lora      r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {targets}{extras}, {lora.dtype} adapters",
         f"  data      {data}, format {recipe.data.format}",
         f"  training  {length}, {_batch_arithmetic(t, launch.world_size)} sequences/step, seq_len {t.seq_len}, lr {t.learning_rate:g} "
@@ -75,6 +76,10 @@ def describe_plan(recipe: Recipe, options: RunOptions, device: str, launch: Laun
         f"  output    {options.output_dir}",
     ] + [f"  NOTE      {note}" for note in _launch_notes(recipe, options, launch)]
       + [f"  WARNING   {warning}" for warning in _security_warnings(recipe)])
+
+
+def _attention_origin(chosen: auto_settings.Plan | None) -> str:
+    return " (auto: transformers' choice for the model)" if chosen and "attn_implementation" in chosen.chosen else ""
 
 
 def _launch_notes(recipe: Recipe, options: RunOptions, launch: Launch) -> list[str]:
@@ -202,7 +207,7 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
     tokenizer = model_lib.load_tokenizer(recipe.model)
     data = fit_to_tokenizer(data, recipe.data, tokenizer, recipe.train.seq_len, recipe.model.name_or_path)
     recipe, notes = auto_settings.settle_packing(recipe, data.stats["train_mean_tokens"], device == "cuda",
-                                                 recipe.model.attn_implementation)
+                                                 chosen.attn_implementation)
     data.notes += notes
     print(describe_data(data), flush=True)
     predicted = estimate(shape, settings_from_recipe(recipe, launch))

@@ -49,6 +49,7 @@ def test_auto_choice_grows_with_memory_and_stays_under_the_limit(name):
 def test_the_choice_is_the_largest_micro_batch_that_fits_in_its_fastest_form():
     recipe, shape = _recipe("llama7b-r8")
     chosen = plan(recipe, shape, Budget(24, "test"), on_gpu=True)
+    recipe = auto_settings.settle_model(recipe, attn_implementation=chosen.attn_implementation)
     limit = 24 * (1 - auto_settings.SAFETY_MARGIN)
     best = relative_time_per_token(chosen.micro_batch_size, chosen.gradient_checkpointing, chosen.activation_offloading)
     for micro in (1, 2, 4, 8, 16):
@@ -68,7 +69,7 @@ def test_explicit_values_are_obeyed_and_only_auto_keys_are_chosen():
     recipe, shape = _recipe("llama7b-r8", "train.micro_batch_size=2", "train.gradient_checkpointing=true")
     chosen = plan(recipe, shape, Budget(80, "test"), on_gpu=True)
     assert (chosen.micro_batch_size, chosen.gradient_checkpointing) == (2, True)
-    assert set(chosen.chosen) == {"activation_offloading", "kernels"}
+    assert set(chosen.chosen) == {"activation_offloading", "kernels", "attn_implementation"}
 
 
 def test_without_a_budget_auto_means_the_safe_defaults():
@@ -117,11 +118,12 @@ def test_estimate_json_and_dry_run_report_the_same_choice(capsys, tmp_path):
 
 def test_a_cpu_run_records_what_auto_became(demo_run):
     summary = json.loads((demo_run / "summary.json").read_text())
-    assert summary["auto_settings"]["chosen"] == ["activation_offloading", "kernels"]
+    assert summary["auto_settings"]["chosen"] == ["activation_offloading", "kernels", "attn_implementation"]
     levers = {k: summary["levers"][k] for k in ("activation_offloading", "kernels", "packing", "padding_free")}
     assert levers == {"activation_offloading": False, "kernels": "none", "packing": False, "padding_free": False}
     saved = yaml.safe_load((demo_run / "recipe.yaml").read_text())
     assert saved["train"]["kernels"] == "none" and saved["train"]["activation_offloading"] is False
+    assert saved["model"]["attn_implementation"] == summary["auto_settings"]["attn_implementation"] == "sdpa"
     assert "# auto settings" in (demo_run / "recipe.yaml").read_text()
 
 

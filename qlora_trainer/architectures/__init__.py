@@ -16,8 +16,9 @@ HERE = Path(__file__).resolve().parent
 
 # The family `--model-size` picks for each size: the most fine-tuned model of that size today.
 DEFAULT_FOR_SIZE = {
-    "0.5B": "qwen2.5-0.5b", "1.5B": "qwen2.5-1.5b", "2B": "gemma-2-2b", "3B": "qwen2.5-3b", "4B": "phi-3-mini",
-    "7B": "llama-2-7b", "8B": "llama-3.1-8b", "9B": "gemma-2-9b", "13B": "llama-2-13b", "14B": "qwen2.5-14b",
+    "0.5B": "qwen2.5-0.5b", "0.6B": "qwen3-0.6b", "1B": "llama-3.2-1b", "1.5B": "qwen2.5-1.5b", "1.7B": "qwen3-1.7b",
+    "2B": "gemma-2-2b", "3B": "qwen2.5-3b", "4B": "phi-3-mini",
+    "7B": "llama-2-7b", "8B": "llama-3.1-8b", "9B": "gemma-2-9b", "12B": "mistral-nemo-12b", "13B": "llama-2-13b", "14B": "qwen2.5-14b",
     "27B": "gemma-2-27b", "32B": "qwen2.5-32b", "33B": "llama-33b", "65B": "llama-65b", "70B": "llama-2-70b",
     "72B": "qwen2.5-72b",
 }
