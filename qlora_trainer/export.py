@@ -25,6 +25,7 @@ from qlora_trainer.adapter_source import (
 from qlora_trainer.errors import UserError
 from qlora_trainer.export_verify import DEFAULT_PROMPTS, compare_logits, verification_prompts
 from qlora_trainer.model import DTYPES
+from qlora_trainer.run_dir import umask_mode
 
 # The verification bars for the default method. The reference is the 4-bit model plus adapter, run with fp32
 # arithmetic (`exact_reference`); the bars leave room for rounding, which grows with depth, and none for a wrong
@@ -65,6 +66,7 @@ def export(options: ExportOptions) -> dict:
           f"({'NF4-dequantized' if options.base_weights == 'dequantized' else 'original 16-bit'} base weights) -> {options.dtype}")
 
     staging = Path(tempfile.mkdtemp(dir=options.output.parent, prefix=f".{options.output.name}.tmp-"))
+    staging.chmod(umask_mode(directory=True))  # it becomes the export: readable as the umask allows, not 0700
     try:
         if not merge_streaming(source, options, config, staging):
             write_export(merge(source, options), source, staging, options)

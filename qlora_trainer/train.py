@@ -27,7 +27,7 @@ from qlora_trainer.exact_match import exact_match_accuracy
 from qlora_trainer.memory import estimate
 from qlora_trainer.memory_report import check_fits, fixes_that_fit, format_estimate, settings_from_recipe, shape_for_model
 from qlora_trainer.metrics import GIB, MetricsLogger, plot_loss, read_metrics
-from qlora_trainer.recipe import Recipe, dump_recipe, launch_command
+from qlora_trainer.recipe import Recipe, dump_recipe, launch_command, load_yaml
 from qlora_trainer.safeguards import StopOnNonFinite, StopOnSignal
 from qlora_trainer.sft_trainer import qlora_sft_trainer
 from qlora_trainer.run_dir import CHECKPOINTS, SUMMARY, latest_checkpoint, prepare_run_dir, write_json_atomic, write_text_atomic
@@ -287,11 +287,9 @@ FIXED_ON_RESUME = ("model", "quantization", "lora", "data")
 
 
 def _check_same_run(recipe: Recipe, saved_path: Path) -> None:
-    import yaml
-
     if not saved_path.is_file():
         return
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    saved = load_yaml(saved_path.read_text(encoding="utf-8")) or {}
     current = recipe.model_dump(mode="json")
     for section in FIXED_ON_RESUME:
         for key, value in current[section].items():
