@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qlora_trainer.errors import UserError
 from qlora_trainer.recipe import DEMO_MODEL_PREFIX, shipped_recipes_dir
-from qlora_trainer.run_dir import umask_mode
+from qlora_trainer.run_dir import apply_umask
 
 # Bump the version when the architecture or tokenizer changes, so stale caches are not reused.
 DEMO_MODELS = {
@@ -69,13 +69,13 @@ def build_demo_model(spec: dict, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    staging.chmod(umask_mode(directory=True))  # it becomes the model directory: not 0700 as mkdtemp makes it
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "DEMO_MODEL.txt").write_text(
             "A randomly initialised demo model built by qlora-trainer. It knows no language.\n", encoding="utf-8"
         )
+        apply_umask(staging)
         staging.rename(target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_trainer import base_fingerprint
 from qlora_trainer import model as model_lib
 from qlora_trainer.adapter_source import (
     AdapterSource, check_adapter_matches, find_adapter, load_adapter_tokenizer, lora_module,
@@ -25,7 +26,7 @@ from qlora_trainer.adapter_source import (
 from qlora_trainer.errors import UserError
 from qlora_trainer.export_verify import DEFAULT_PROMPTS, compare_logits, verification_prompts
 from qlora_trainer.model import DTYPES
-from qlora_trainer.run_dir import umask_mode
+from qlora_trainer.run_dir import apply_umask
 
 # The verification bars for the default method. The reference is the 4-bit model plus adapter, run with fp32
 # arithmetic (`exact_reference`); the bars leave room for rounding, which grows with depth, and none for a wrong
@@ -53,8 +54,7 @@ def export(options: ExportOptions) -> dict:
     """Merge, write to a temporary directory, verify, then move into place. Returns the verification report."""
     if options.output.exists() and not options.force:
         raise UserError(f"--output {options.output} already exists; choose another directory or add --force to replace it")
-    if options.output.resolve() in (options.source.resolve(), *options.source.resolve().parents):
-        raise UserError(f"--output {options.output} would replace the run or adapter it exports; choose another directory")
+    _check_output_apart(options)
     _shard_bytes(options.max_shard_size)  # a bad size is bad input, found before any work
     options.output.parent.mkdir(parents=True, exist_ok=True)  # stage beside the output: the final rename stays on one disk
     source = find_adapter(options.source, options.base)
@@ -62,21 +62,34 @@ def export(options: ExportOptions) -> dict:
         options.dtype = source.recipe.export.dtype if source.recipe else "float16"
     config = model_lib.load_config(source.base)
     check_adapter_matches(source.adapter_dir, config, source.base.name_or_path)
+    base_fingerprint.check(source.adapter_dir, source.base, "adapter")
     print(f"Merging {source.adapter_dir} into {source.base.name_or_path} "
           f"({'NF4-dequantized' if options.base_weights == 'dequantized' else 'original 16-bit'} base weights) -> {options.dtype}")
 
     staging = Path(tempfile.mkdtemp(dir=options.output.parent, prefix=f".{options.output.name}.tmp-"))
-    staging.chmod(umask_mode(directory=True))  # it becomes the export: readable as the umask allows, not 0700
     try:
         if not merge_streaming(source, options, config, staging):
             write_export(merge(source, options), source, staging, options)
         report = verify(staging, source, options) if options.verify else {"verified": False}
         _write_model_card(staging, source, options, report)
+        apply_umask(staging)
         _move_into_place(staging, options.output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left looking like an export
         raise
     return report
+
+
+def _check_output_apart(options: ExportOptions) -> None:
+    """The export must neither replace nor land inside the run or adapter it reads: `--output RUN/adapter --force`
+    would swap the trained adapter for the merged model while summary.json still calls the run complete."""
+    source, output = options.source.resolve(), options.output.resolve()
+    if options.output.exists() and not options.output.is_dir():
+        raise UserError(f"--output {options.output} is a file, not a directory; choose a directory path for the export")
+    run = source.parent if (source.parent / "recipe.yaml").is_file() else source  # an adapter/ inside its run
+    if output == run or output.is_relative_to(run) or run.is_relative_to(output):
+        raise UserError(f"--output {options.output} would replace or land inside the run or adapter it exports "
+                        f"({run}); choose a directory outside it")
 
 
 def merge_streaming(source: AdapterSource, options: ExportOptions, config, target: Path) -> bool:

@@ -88,6 +88,7 @@ class ModelShape:
     total_params: int
     norms_per_layer: int = 2  # hidden-size norms in one decoder layer (Gemma-2 has four)
     attn_softcapping: bool = False  # attention logits soft-capped with tanh (Gemma-2): eager saves the tanh too
+    max_positions: int | None = None  # max_position_embeddings, where the config states it
 
     @property
     def quantized(self) -> list[Linear]:
@@ -197,6 +198,7 @@ def model_shape(config, name: str) -> ModelShape:
         total_params=sum(p.numel() for p in params.values()),
         norms_per_layer=_norms_per_layer(model, text, linear_params),
         attn_softcapping=getattr(text, "attn_logit_softcapping", None) is not None,
+        max_positions=getattr(text, "max_position_embeddings", None),
     )
 
 

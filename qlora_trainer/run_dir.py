@@ -61,6 +61,16 @@ def umask_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
+def apply_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes a plain open() and mkdir() would. safetensors (0.8) writes its
+    files 0600 whatever the umask, and mkdtemp makes 0700 directories: a server or another user could not read
+    an adapter or an export."""
+    file_mode, dir_mode = umask_mode(), umask_mode(directory=True)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(dir_mode if path.is_dir() else file_mode)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
