@@ -492,7 +492,8 @@ def _resolve_relative_paths(raw: dict, base: Path) -> None:
         return
     for key in ("path", "eval_path"):
         value = data.get(key)
-        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+        # A blank value stays blank for validation to refuse: `base / ""` is the recipe's own directory.
+        if isinstance(value, str) and value.strip() and not Path(value).is_absolute() and (base / value).exists():
             data[key] = str((base / value).resolve())
 
 
