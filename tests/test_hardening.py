@@ -448,6 +448,15 @@ def test_a_base_with_other_weights_is_refused_naming_both(demo_run, other_base, 
     assert "demo:tiny-llama" in line and str(other_base) in line
 
 
+def test_an_adapter_set_refuses_a_base_with_other_weights(demo_run, other_base):
+    from qlora_trainer.adapters import AdapterSet
+
+    models = AdapterSet(str(other_base), device="cpu")
+    with pytest.raises(UserError, match="has other weights"):
+        models.add("demo", demo_run)
+    assert models.names == []
+
+
 def test_resume_with_a_base_of_other_weights_is_refused(ws, demo_run, other_base):
     """A resumed run must continue on the weights it started on."""
     ws.run.mkdir()
