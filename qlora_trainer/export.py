@@ -86,7 +86,8 @@ def _check_output_apart(options: ExportOptions) -> None:
     source, output = options.source.resolve(), options.output.resolve()
     if options.output.exists() and not options.output.is_dir():
         raise UserError(f"--output {options.output} is a file, not a directory; choose a directory path for the export")
-    run = source.parent if (source.parent / "recipe.yaml").is_file() else source  # an adapter/ inside its run
+    in_run = source.name == "adapter" and (source.parent / "recipe.yaml").is_file()
+    run = source.parent if in_run else source  # RUN/adapter: the whole run is the source
     if output == run or output.is_relative_to(run) or run.is_relative_to(output):
         raise UserError(f"--output {options.output} would replace or land inside the run or adapter it exports "
                         f"({run}); choose a directory outside it")

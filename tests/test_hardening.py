@@ -438,6 +438,20 @@ def test_export_and_generate_refuse_paths_of_the_wrong_kind(demo_run, tmp_path):
         refused_cleanly(argv, 2, fragment, [demo_run, tmp_path / "out", tmp_path / "a-file"])
 
 
+def test_only_a_runs_own_adapter_makes_the_whole_run_the_source(tmp_path):
+    from qlora_trainer.export import ExportOptions, _check_output_apart
+
+    project = tmp_path / "project"
+    (project / "my-adapter").mkdir(parents=True)
+    (project / "recipe.yaml").write_text("")  # a user's own recipe beside an adapter: not a run
+    _check_output_apart(ExportOptions(source=project / "my-adapter", output=project / "merged"))
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("")
+    with pytest.raises(UserError, match="inside the run"):
+        _check_output_apart(ExportOptions(source=run / "adapter", output=run / "merged"))
+
+
 @pytest.mark.parametrize("command", ["export", "generate"])
 @pytest.mark.parametrize("source", ["run", "adapter"])
 def test_a_base_with_other_weights_is_refused_naming_both(demo_run, other_base, tmp_path, command, source):
