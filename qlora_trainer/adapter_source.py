@@ -28,6 +28,8 @@ def find_adapter(path: Path, base_override: str | None = None) -> AdapterSource:
 
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a run directory or an adapter directory")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a directory; pass a run directory or an adapter directory")
     recipe = None
     adapter_dir = path
     if (path / "recipe.yaml").is_file():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_trainer import base_fingerprint
 from qlora_trainer import model as model_lib
 from qlora_trainer.adapter_source import check_adapter_matches, find_adapter, load_adapter_tokenizer
 from qlora_trainer.errors import UserError
@@ -54,6 +55,7 @@ class AdapterSet:
             raise UserError(f"adapter name '{name}' is already used; pick another name")
         source = find_adapter(Path(path), self.base_section.name_or_path)
         check_adapter_matches(source.adapter_dir, self.config, self.base_section.name_or_path)
+        base_fingerprint.check(source.adapter_dir, self.base_section, "adapter")
         if self.model is None:
             self.model = PeftModel.from_pretrained(self.base, source.adapter_dir, adapter_name=name)
         else:

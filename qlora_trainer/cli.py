@@ -192,6 +192,7 @@ def _estimate(args) -> int:
     from qlora_trainer import auto_settings
     from qlora_trainer import memory_report as report
     from qlora_trainer.memory import Settings, estimate
+    from qlora_trainer.model_checks import check_lora_targets, check_seq_len
     from qlora_trainer.recipe import load_recipe
 
     if args.overrides and not args.recipe:
@@ -205,6 +206,8 @@ def _estimate(args) -> int:
     if args.recipe:
         recipe, _ = load_recipe(args.recipe, args.overrides)
         shape = report.shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
+        check_lora_targets(recipe.lora.target_modules, shape)
+        check_seq_len(recipe.train.seq_len, shape)
         recipe, chosen = _planned(recipe, shape, gpu_memory)
         settings = report.settings_from_recipe(recipe)
         global_batch = recipe.train.global_batch()
@@ -220,6 +223,8 @@ def _estimate(args) -> int:
     for flag, value in (("--rank", settings.rank), ("--seq-len", settings.seq_len), ("--batch-size", settings.batch_size)):
         if value <= 0:
             raise UserError(f"{flag} must be a positive integer (got {value})")
+    if args.seq_len is not None:
+        check_seq_len(args.seq_len, shape, "--seq-len")
     if args.fit and gpu_memory is None:
         raise UserError("--fit needs --gpu-memory GIB: the memory to fit into")
     est = estimate(shape, settings)
@@ -300,7 +305,8 @@ def _generate(args) -> int:
     if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
         raise UserError("--max-new-tokens must be positive, --top-p in (0, 1], --temperature 0 or more")
     if args.file is not None and not args.file.is_file():
-        raise UserError(f"--file {args.file} does not exist")
+        raise UserError(f"--file {args.file} is a directory, not a text file of prompts" if args.file.is_dir() else
+                        f"--file {args.file} does not exist")
     try:
         prompts = [args.prompt] if args.prompt is not None else [
             line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]

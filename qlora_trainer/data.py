@@ -18,6 +18,7 @@ from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.recipe import DataSection
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+UTF8_BOM = b"\xef\xbb\xbf"  # some Windows editors start UTF-8 files with it
 
 # The fields each format needs; `auto` picks the first format whose fields are all present.
 REQUIRED_FIELDS = {
@@ -53,6 +54,7 @@ def load_data(section: DataSection, seed: int) -> Data:
     raw = _read_source(section.path, section, "path")
     if section.max_rows:
         raw.rows = raw.rows[:section.max_rows]
+    _require_some_object(raw)
     fmt = detect_format(_columns(raw), section.format, raw.source)
     section.format = "messages" if fmt == "sharegpt" else fmt
     stats: dict = {}
@@ -61,6 +63,7 @@ def load_data(section: DataSection, seed: int) -> Data:
     eval_set = None
     if section.eval_path:
         eval_raw = _read_source(section.eval_path, section, "eval_path")
+        _require_some_object(eval_raw)
         eval_fmt = detect_format(_columns(eval_raw), section.format, eval_raw.source)
         eval_set = _convert(eval_raw, eval_fmt, section, stats, notes, "eval")
     elif section.eval_fraction > 0:
@@ -74,6 +77,13 @@ def load_data(section: DataSection, seed: int) -> Data:
     data = Data(train=train, eval=eval_set, format=fmt, source=raw.source, notes=notes, stats=stats)
     notes.insert(0, count_note(data))
     return data
+
+
+def _require_some_object(raw: _Rows) -> None:
+    """With no row read as a JSON object there are no columns to detect a format from: name the first row's problem."""
+    if not any(row for _, row, _ in raw.rows):
+        where, _, problem = raw.rows[0]
+        raise UserError(f"{where}: {problem or 'the row is an empty object'}; no row of {raw.source} is usable")
 
 
 def count_note(data: Data) -> str:
@@ -107,6 +117,10 @@ def _read_source(value: str, section: DataSection, key: str) -> _Rows:
         return _read_hub(value, section, key)
     _require_exists(value, key)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+    nested = [p for p in files if not p.is_file()]
+    if nested:  # e.g. Spark writes a directory `part.json/` of part files
+        raise UserError(f"data.{key}: {nested[0]} is a directory, not a data file; point data.{key} at it directly "
+                        f"or move it out of {path}")
     if not files:
         raise UserError(f"data.{key}: {path} holds no .jsonl, .json, .csv or .parquet files")
     rows = [row for f in files for row in _read_file(f)]
@@ -120,7 +134,10 @@ def _read_file(path: Path) -> list[tuple[str, dict | None, str | None]]:
         raise UserError(f"{path}: unknown file type; use .jsonl, .json, .csv or .parquet")
     if path.suffix == ".parquet":
         return _read_with_datasets(path, "parquet")
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(UTF8_BOM)  # as for CSV, which pandas reads past a BOM
+    if path.suffix == ".jsonl" and data.lstrip().startswith(b"["):
+        raise UserError(f"{path}: holds a JSON array, but a .jsonl file holds one JSON object per line; rename it to "
+                        ".json or write one object per line")
     if path.suffix == ".jsonl" or (path.suffix == ".json" and not data.lstrip().startswith(b"[")):
         return read_jsonl_rows(path, data)  # datasets also reads a .json file of one object per line
     _check_utf8(path, data)
@@ -167,12 +184,24 @@ def _check_utf8(path: Path, data: bytes) -> None:
 
 def _read_with_datasets(path: Path, kind: str) -> list[tuple[str, dict | None, str | None]]:
     from datasets import load_dataset
+    from datasets.utils import logging as datasets_logging
 
+    verbosity = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity_error()  # its parse errors are logged as well as raised: say them once, below
     try:
         table = load_dataset(kind, data_files=[str(path)], split="train")
     except Exception as err:  # pyarrow and datasets raise many parse errors; all mean "this file is malformed"
-        raise UserError(f"{path}: cannot parse as {kind} ({first_line(err)})") from None
+        raise UserError(f"{path}: cannot parse as {kind} ({first_line(_root_cause(err))})") from None
+    finally:
+        datasets_logging.set_verbosity(verbosity)
     return [(f"{path} row {i + 1}", row, None) for i, row in enumerate(table)]
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """datasets wraps the parser's error ("An error occurred while generating the dataset"); the detail is inside."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def _read_hub(value: str, section: DataSection, key: str) -> _Rows:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qlora_trainer.errors import UserError
 from qlora_trainer.recipe import DEMO_MODEL_PREFIX, shipped_recipes_dir
+from qlora_trainer.run_dir import apply_umask
 
 # Bump the version when the architecture or tokenizer changes, so stale caches are not reused.
 DEMO_MODELS = {
@@ -76,6 +77,7 @@ def build_demo_model(spec: dict, target: Path) -> None:
         (staging / "DEMO_MODEL.txt").write_text(
             "A randomly initialised demo model built by qlora-trainer. It knows no language.\n", encoding="utf-8"
         )
+        apply_umask(staging)
         staging.rename(target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_trainer import base_fingerprint
 from qlora_trainer import model as model_lib
 from qlora_trainer.adapter_source import (
     AdapterSource, check_adapter_matches, find_adapter, load_adapter_tokenizer, lora_module,
@@ -28,6 +29,7 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.made_dirs import missing_dirs, remove_made
 from qlora_trainer.export_verify import DEFAULT_PROMPTS, compare_logits, verification_prompts
 from qlora_trainer.model import DTYPES
+from qlora_trainer.run_dir import apply_umask
 
 # The verification bars for the default method. The reference is the 4-bit model plus adapter, run with fp32
 # arithmetic (`exact_reference`); the bars leave room for rounding, which grows with depth, and none for a wrong
@@ -55,14 +57,14 @@ def export(options: ExportOptions) -> dict:
     """Merge, write to a temporary directory, verify, then move into place. Returns the verification report."""
     if options.output.exists() and not options.force:
         raise UserError(f"--output {options.output} already exists; choose another directory or add --force to replace it")
-    if options.output.resolve() in (options.source.resolve(), *options.source.resolve().parents):
-        raise UserError(f"--output {options.output} would replace the run or adapter it exports; choose another directory")
+    _check_output_apart(options)
     _shard_bytes(options.max_shard_size)  # a bad size is bad input, found before any work
     source = find_adapter(options.source, options.base)
     if options.dtype is None:
         options.dtype = source.recipe.export.dtype if source.recipe else "float16"
     config = model_lib.load_config(source.base)
     check_adapter_matches(source.adapter_dir, config, source.base.name_or_path)
+    base_fingerprint.check(source.adapter_dir, source.base, "adapter")
     print(f"Merging {source.adapter_dir} into {source.base.name_or_path} "
           f"({'NF4-dequantized' if options.base_weights == 'dequantized' else 'original 16-bit'} base weights) -> {options.dtype}")
 
@@ -73,6 +75,7 @@ def export(options: ExportOptions) -> dict:
             write_export(merge(source, options), source, staging, options)
         report = verify(staging, source, options) if options.verify else {"verified": False}
         _write_model_card(staging, source, options, report)
+        apply_umask(staging)
         _move_into_place(staging, options.output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left looking like an export
@@ -92,6 +95,19 @@ def _staging_dir(output: Path, made: list[Path]) -> Path:
         reason = "a part of it is a file" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
         raise UserError(f"--output {output}: cannot write in {output.parent} ({reason}); choose a writable "
                         "directory") from None
+
+
+def _check_output_apart(options: ExportOptions) -> None:
+    """The export must neither replace nor land inside the run or adapter it reads: `--output RUN/adapter --force`
+    would swap the trained adapter for the merged model while summary.json still calls the run complete."""
+    source, output = options.source.resolve(), options.output.resolve()
+    if options.output.exists() and not options.output.is_dir():
+        raise UserError(f"--output {options.output} is a file, not a directory; choose a directory path for the export")
+    in_run = source.name == "adapter" and (source.parent / "recipe.yaml").is_file()
+    run = source.parent if in_run else source  # RUN/adapter: the whole run is the source
+    if output == run or output.is_relative_to(run) or run.is_relative_to(output):
+        raise UserError(f"--output {options.output} would replace or land inside the run or adapter it exports "
+                        f"({run}); choose a directory outside it")
 
 
 def merge_streaming(source: AdapterSource, options: ExportOptions, config, target: Path) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_trainer import base_fingerprint
 from qlora_trainer import model as model_lib
 from qlora_trainer.adapter_source import check_adapter_matches, find_adapter, is_merged_model, load_adapter_tokenizer
 from qlora_trainer.chat_templates import ALPACA_PROMPT
@@ -38,6 +39,7 @@ def load_for_inference(path: Path, base: str | None = None):
 
     source = find_adapter(path, base)
     check_adapter_matches(source.adapter_dir, model_lib.load_config(source.base), source.base.name_or_path)
+    base_fingerprint.check(source.adapter_dir, source.base, "adapter")
     base_model = model_lib.load_base_model(source.base, source.quantization, device)
     model = PeftModel.from_pretrained(base_model, source.adapter_dir)
     return model, load_adapter_tokenizer(source), source.data_format

@@ -91,6 +91,7 @@ class ModelShape:
     model_class: str = ""  # the class AutoModelForCausalLM builds for the config
     default_attention: str = "sdpa"  # what transformers picks when asked for nothing (`auto`)
     supported_attention: tuple[str, ...] = ("sdpa", "eager")  # what the class accepts when asked explicitly
+    max_positions: int | None = None  # max_position_embeddings, where the config states it
 
     @property
     def quantized(self) -> list[Linear]:
@@ -204,6 +205,7 @@ def model_shape(config, name: str) -> ModelShape:
         model_class=type(model).__name__,
         default_attention=default_implementation(model),
         supported_attention=supported_implementations(model),
+        max_positions=getattr(text, "max_position_embeddings", None),
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from qlora_trainer.architectures import DEFAULT_FOR_SIZE, architecture_for, known_architectures, load_architecture
 from qlora_trainer.errors import UserError, WontFitError
 from qlora_trainer.memory import GIB, Estimate, ModelShape, Settings, estimate, model_shape
+from qlora_trainer.model_checks import check_causal_lm, check_config_file
 from qlora_trainer.recipe import AUTO, PLANNED_KEYS, Recipe
 
 TABLE_RANKS = (1, 2, 4, 8, 16, 64, 256, 1024)
@@ -19,8 +20,11 @@ def shape_for_model(name_or_path: str, trust_remote_code: bool = False) -> Model
     """A model's shape from a known architecture (offline), a local directory or config.json, or the hub."""
     known = architecture_for(name_or_path)
     if known:
-        return model_shape(load_architecture(known), known)
-    return _supported_shape(_read_config(name_or_path, trust_remote_code), name_or_path)
+        config, name = load_architecture(known), known
+    else:
+        config, name = _read_config(name_or_path, trust_remote_code), name_or_path
+    check_causal_lm(config, name)  # train, estimate and recipes all come through here
+    return model_shape(config, name) if known else _supported_shape(config, name)
 
 
 def _supported_shape(config, name: str) -> ModelShape:
@@ -43,6 +47,8 @@ def _read_config(name_or_path: str, trust_remote_code: bool):
     from qlora_trainer.demo_model import demo_model_path, is_demo_model
 
     path = demo_model_path(name_or_path) if is_demo_model(name_or_path) else Path(name_or_path).expanduser()
+    if path.exists():
+        check_config_file(path, name_or_path, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):

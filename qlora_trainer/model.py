@@ -11,6 +11,7 @@ from qlora_trainer.damaged_files import damaged_safetensors, safetensors_of
 from qlora_trainer.demo_model import demo_model_path, is_demo_model
 from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import UserError, first_line
+from qlora_trainer.model_checks import check_config_file
 from qlora_trainer.recipe import AUTO, LoraSection, ModelSection, QuantizationSection
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -40,6 +41,8 @@ def load_config(section: ModelSection):
     from transformers import AutoConfig
 
     path = resolve_model_path(section)
+    if Path(path).is_dir():
+        check_config_file(Path(path), "model.name_or_path", section.trust_remote_code)
     try:
         return AutoConfig.from_pretrained(path, revision=section.revision, trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -95,11 +98,18 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, device: str
             f"a weights file of '{model.name_or_path}' is damaged ({first_line(err)})"
         raise UserError(f"model.name_or_path: {culprit}; copy or download the model again") from None
     except OSError as err:
+        if Path(path).is_dir() and not _weight_files(Path(path)):
+            raise UserError(f"model.name_or_path: {path} has no weight files (*.safetensors or *.bin); the model "
+                            "was saved without its weights or the copy is incomplete: copy the weights too") from None
         if "safetensors" in str(err) and not model.allow_pickle_weights:
             raise UserError(f"model.name_or_path: '{model.name_or_path}' has no safetensors weights; convert them, or set "
                             "model.allow_pickle_weights: true if you trust the files (unpickling can run code)") from None
         raise UserError(f"model.name_or_path: cannot load '{model.name_or_path}' ({first_line(err)}); "
                         "check the hub id and network, or pass a local copy with --set model.name_or_path=/path") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return [p for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in path.glob(pattern)]
 
 
 def load_tokenizer(model: ModelSection):

@@ -23,6 +23,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _not_blank(value: str | None) -> str | None:
+    # An unset shell variable gives an empty path, which Path() would read as the current directory.
+    if value is not None and not value.strip():
+        raise ValueError("is empty; give a path or a hub id (an unset shell variable?)")
+    return value
+
+
 class ModelSection(_Section):
     name_or_path: str = Field(description="Hub id, local directory, or `demo:tiny-llama` (built locally).")
     revision: str | None = Field(None, description="Hub branch, tag or commit to load.")
@@ -34,6 +41,11 @@ class ModelSection(_Section):
         "auto", description="Attention kernel; `auto`: what transformers picks for the model (sdpa, which avoids the "
         "seq_len^2 attention matrix, where the model supports it; eager for Gemma-2). The run's recipe.yaml records it."
     )
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        return _not_blank(value)
 
 
 class QuantizationSection(_Section):
@@ -82,6 +94,11 @@ class DataSection(_Section):
     )
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="With on_bad_rows: skip, stop when more than this share is bad.")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N training rows (quick trials).")
+
+    @field_validator("path", "eval_path")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        return _not_blank(value)
 
     @model_validator(mode="after")
     def _check_data_options(self) -> DataSection:
@@ -155,7 +172,8 @@ class TrainSection(_Section):
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (default: at logging_steps x 10).")
     save_steps: int = Field(100, gt=0, description="Checkpoint every N steps.")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept.")
-    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout (0 to 2^32-1, "
+                      "the range numpy accepts).")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="`cuda` stops with a message on a machine without a CUDA GPU instead of crawling on CPU."
     )
@@ -303,6 +321,8 @@ def shipped_recipe_names() -> list[str]:
 def find_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise UserError(f"recipe {path} is a directory, not a YAML file; pass the recipe file inside it")
         if not path.is_file():
             raise UserError(f"recipe file {path} does not exist; pass a shipped name ({', '.join(shipped_recipe_names())}) or a YAML path")
         return path
@@ -377,13 +397,43 @@ def _nearest_hint(loc: tuple[str, ...]) -> str:
     return f", did you mean {prefix}?" if close else f"; known keys: {', '.join(model.model_fields)}"
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(f"line {line}: key '{key}' is given twice (first on line {first_line}); YAML would silently "
+                         "keep only the last: remove or merge one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error instead of replacing the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        raise DuplicateKeyError(key, key_node.start_mark.line + 1, seen[key])
+                    seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load that refuses duplicate keys: every YAML file and --set value we read goes through it."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _read_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
     try:
         text = path.read_text(encoding="utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
+    except DuplicateKeyError as err:
+        raise UserError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -410,7 +460,9 @@ def _apply_override(raw: dict, item: str) -> None:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=50")
     parts = key.strip().split(".")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text) if text.strip() else ""
+    except DuplicateKeyError as err:
+        raise UserError(f"--set {key}: {str(err).removeprefix('line 1: ')}") from None
     except yaml.YAMLError:
         value = text
     target = raw
@@ -418,7 +470,20 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(target.get(part, {}), dict):
             raise UserError(f"--set {key}: {part} is not a section")
         target = target.setdefault(part, {})
-    target[parts[-1]] = value
+    if isinstance(value, dict) and isinstance(target.get(parts[-1]), dict):
+        # `--set 'train={seq_len: 64}'` changes the keys it names; replacing the section would silently reset
+        # every other key of it to its default.
+        _merge(target[parts[-1]], value)
+    else:
+        target[parts[-1]] = value
+
+
+def _merge(into: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _resolve_relative_paths(raw: dict, base: Path) -> None:
@@ -428,7 +493,8 @@ def _resolve_relative_paths(raw: dict, base: Path) -> None:
         return
     for key in ("path", "eval_path"):
         value = data.get(key)
-        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+        # A blank value stays blank for validation to refuse: `base / ""` is the recipe's own directory.
+        if isinstance(value, str) and value.strip() and not Path(value).is_absolute() and (base / value).exists():
             data[key] = str((base / value).resolve())
 
 

@@ -24,13 +24,15 @@ def default_run_dir(recipe_name: str) -> Path:
 
 def prepare_run_dir(path: Path, resume: bool) -> Path:
     """Create (or, with resume, reopen) the run directory; refuse to overwrite anything."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output-dir {path} is a file, not a directory; choose a directory path for the run")
     if (path / SUMMARY).exists():
         raise UserError(f"--output-dir {path} already holds a finished run (summary.json); choose another --output-dir")
     if resume:
         if not path.is_dir():
             raise UserError(f"--resume: {path} is not a run directory; pass the --output-dir of the run to continue")
         return path
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and any(path.iterdir()):
         raise UserError(f"--output-dir {path} already exists and is not empty; add --resume to continue that run "
                         "or choose another --output-dir")
     try:
@@ -56,11 +58,31 @@ def complete_checkpoints(path: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode open() or mkdir() gives a new file or directory (0666 or 0777 less the umask), as save_pretrained's
+    files get. mkstemp and mkdtemp create 0600 and 0700 whatever the umask: a server or another user could not read
+    what we write."""
+    mask = os.umask(0o022)  # reading the umask means setting it; the value is put straight back
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def apply_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes a plain open() and mkdir() would. safetensors (0.8) writes its
+    files 0600 whatever the umask, and mkdtemp makes 0700 directories: a server or another user could not read
+    an adapter or an export."""
+    file_mode, dir_mode = umask_mode(), umask_mode(directory=True)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(dir_mode if path.is_dir() else file_mode)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -53,6 +53,13 @@ def _fit_split(rows, split: str, data: Data, section: DataSection, tokenizer, se
                           f"(longest {longest}): {what}")
     if len(dropped) == len(rows):
         raise UserError(f"{data.source}: every {split} row is longer than train.seq_len {seq_len} tokens; raise seq_len")
+    # A token is a loss target only when a token before it predicts it: position 0 never is. Rows that are all
+    # empty strings leave nothing to learn, and training on them would finish "successfully" with zero gradients.
+    targets = sum(max(0, min(total, seq_len) - max(start, 1)) for i, (total, start) in enumerate(lengths) if i not in dropped)
+    data.stats[f"{split}_loss_tokens"] = targets
+    if targets == 0:
+        raise UserError(f"{data.source}: no {split} row has a token to learn from (the rows, or their answers with "
+                        "nothing before them, are empty); fill in the rows' text")
     return rows.select([i for i in range(len(rows)) if i not in dropped]) if dropped else rows
 
 

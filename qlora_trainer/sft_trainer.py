@@ -15,6 +15,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from qlora_trainer import fsdp_adapter
 from qlora_trainer.errors import TrainingFailed, UserError
 from qlora_trainer.resume import wont_load
+from qlora_trainer.run_dir import apply_umask
 
 STAGING = ".partial"
 
@@ -52,6 +53,7 @@ def qlora_sft_trainer():
                 if (final_root / name).exists():  # a step saved again after a resume: replace the old copy
                     shutil.rmtree(final_root / name)
                 os.replace(staging_root / name, final_root / name)
+                apply_umask(final_root / name)
                 shutil.rmtree(staging_root, ignore_errors=True)
                 rotate_checkpoints(str(final_root), self.args.save_total_limit, self.state.best_model_checkpoint,
                                    use_mtime=True)

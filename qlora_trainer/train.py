@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_trainer import auto_settings, distributed, gpu_budget, gpu_memory, speed_levers
+from qlora_trainer import auto_settings, base_fingerprint, distributed, gpu_budget, gpu_memory, model_checks, speed_levers
 from qlora_trainer import model as model_lib
 from qlora_trainer.distributed import Launch
 from qlora_trainer.data import check_data_path, load_data
@@ -28,11 +28,11 @@ from qlora_trainer.made_dirs import missing_dirs, undo
 from qlora_trainer.memory import estimate
 from qlora_trainer.memory_report import check_fits, fixes_that_fit, format_estimate, settings_from_recipe, shape_for_model
 from qlora_trainer.metrics import GIB, MetricsLogger, plot_loss, read_metrics
-from qlora_trainer.recipe import Recipe, dump_recipe, launch_command
+from qlora_trainer.recipe import Recipe, dump_recipe, launch_command, load_yaml
 from qlora_trainer.resume import WriteWhenLoaded, resumed_metrics, usable_checkpoint
 from qlora_trainer.safeguards import StopOnNonFinite, StopOnSignal
 from qlora_trainer.sft_trainer import qlora_sft_trainer
-from qlora_trainer.run_dir import CHECKPOINTS, SUMMARY, latest_checkpoint, prepare_run_dir, write_json_atomic, write_text_atomic
+from qlora_trainer.run_dir import CHECKPOINTS, SUMMARY, apply_umask, latest_checkpoint, prepare_run_dir, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -185,6 +185,8 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
     Returns the recipe with its `auto` settings settled, which is what the run trains with and saves."""
     model_lib.resolve_model_path(recipe.model)  # a missing local model is named before anything else
     shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    model_checks.check_lora_targets(recipe.lora.target_modules, shape)
+    model_checks.check_seq_len(recipe.train.seq_len, shape)
     recipe, chosen = _settle_auto(recipe, options, launch, device, shape)
     check_launch(recipe, launch)
     print(describe_plan(recipe, options, device, launch, chosen), flush=True)
@@ -205,6 +207,7 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
     if recipe.eval.exact_match and not isinstance(data.eval[0].get("prompt"), str):
         raise UserError(f"eval.exact_match needs text prompt/completion rows (or alpaca); {data.source} is {data.format}")
     tokenizer = model_lib.load_tokenizer(recipe.model)
+    model_checks.check_vocabulary(tokenizer, shape)
     data = fit_to_tokenizer(data, recipe.data, tokenizer, recipe.train.seq_len, recipe.model.name_or_path)
     recipe, notes = auto_settings.settle_packing(recipe, data.stats["train_mean_tokens"], device == "cuda",
                                                  chosen.attn_implementation)
@@ -257,6 +260,8 @@ def _save_results(recipe, options, trainer, tokenizer, outcome: Outcome, data, l
     the run complete)."""
     try:
         tokenizer.save_pretrained(run / "adapter")
+        base_fingerprint.save_with_adapter(recipe.model, run, run / "adapter")
+        apply_umask(run / "adapter")
         rows = read_metrics(run / "metrics.jsonl")
         plot_loss(rows, run / "loss.png", f"{options.recipe_name}: {recipe.model.name_or_path}")
         summary = _summary(recipe, options, trainer, outcome, rows, data, launch)
@@ -299,11 +304,9 @@ FIXED_ON_RESUME = ("model", "quantization", "lora", "data")
 
 
 def _check_same_run(recipe: Recipe, saved_path: Path) -> None:
-    import yaml
-
     if not saved_path.is_file():
         return
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    saved = load_yaml(saved_path.read_text(encoding="utf-8")) or {}
     current = recipe.model_dump(mode="json")
     for section in FIXED_ON_RESUME:
         for key, value in current[section].items():
@@ -359,6 +362,7 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chos
     files = {"recipe.yaml": header + dump_recipe(recipe), "estimate.json": json.dumps(estimate_json, indent=2) + "\n"}
     if not options.resume:
         try:
+            base_fingerprint.record(recipe.model, run)  # where the weights are on this machine already; else at the end
             for name, text in files.items():
                 write_text_atomic(run / name, text)
         except BaseException:
@@ -366,6 +370,7 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chos
             raise
         return run, None, {}
     _check_same_run(recipe, run / "recipe.yaml")
+    base_fingerprint.check(run, recipe.model, "--resume: the run")
     checkpoint = usable_checkpoint(run)
     if checkpoint is None:
         print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")

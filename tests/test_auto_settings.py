@@ -170,7 +170,7 @@ def test_explicit_cuda_only_levers_are_refused_on_the_cpu(tiny_model_dir, write_
     data = tmp_path / "rows.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n' * 4)
     path = write_recipe(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {data}}}\n"
-                        "train: {max_steps: 1, activation_offloading: true}\n")
+                        "train: {seq_len: 64, max_steps: 1, activation_offloading: true}\n")
     assert cli.main(["--recipe", str(path), "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.activation_offloading: true needs a CUDA GPU" in err[0]
