@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_trainer.damaged_files import check_safetensors
 from qlora_trainer.errors import UserError
 from qlora_trainer.recipe import ModelSection
 
@@ -31,6 +32,8 @@ def fingerprint(section: ModelSection) -> str | None:
     files = _weight_files(section)
     if not files:
         return None
+    # A run fingerprints its base before loading it: a file cut short must be named here, as loading would name it.
+    check_safetensors(files, f"the weights of '{section.name_or_path}': copy or download the model again")
     digest = hashlib.sha256()
     tensors = []
     for path in files:

@@ -106,7 +106,8 @@ def test_only_the_main_process_writes_and_prints(ddp_run):
     assert out.count("qlora-trainer: recipe") == 1 and out.count("Done in") == 1
     assert "2 processes, DDP" in out
     assert sorted(p.name for p in run.iterdir()) == [
-        "adapter", "checkpoints", "estimate.json", "loss.png", "metrics.jsonl", "recipe.yaml", "summary.json"]
+        "adapter", "base_fingerprint.json", "checkpoints", "estimate.json", "loss.png", "metrics.jsonl", "recipe.yaml",
+        "summary.json"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if "loss" in r]
     assert train_steps == sorted(set(train_steps)), "each step is logged once, by one process"
