@@ -171,9 +171,9 @@ def _report(err: Exception) -> None:
 
 
 def _train(args) -> int:
-    from qlora_trainer.recipe import load_recipe
-    from qlora_trainer.run_dir import default_run_dir
-    from qlora_trainer.train import RunOptions, train
+    from qlora_trainer.config.recipe_files import load_recipe
+    from qlora_trainer.files.run_dir import default_run_dir
+    from qlora_trainer.training.train import RunOptions, train
 
     recipe, path = load_recipe(args.recipe, args.overrides)
     name = path.parent.name if path.name == "recipe.yaml" else path.stem  # a run's saved recipe: name it after the run
@@ -189,11 +189,11 @@ def _estimate(args) -> int:
     import dataclasses
     import json
 
-    from qlora_trainer import auto_settings
-    from qlora_trainer import memory_report as report
-    from qlora_trainer.memory import Settings, estimate
-    from qlora_trainer.model_checks import check_lora_targets, check_seq_len
-    from qlora_trainer.recipe import load_recipe
+    from qlora_trainer.config.recipe_files import load_recipe
+    from qlora_trainer.estimate import auto_settings
+    from qlora_trainer.estimate import memory_report as report
+    from qlora_trainer.estimate.memory import Settings, estimate
+    from qlora_trainer.loading.model_checks import check_lora_targets, check_seq_len
 
     if args.overrides and not args.recipe:
         raise UserError("--set needs --recipe; with --model use --rank, --seq-len, --batch-size, --optimizer")
@@ -251,7 +251,7 @@ def _estimate(args) -> int:
 
 def _planned(recipe, shape, gpu_memory: float | None):
     """The recipe with its `auto` settings settled for a GPU of `gpu_memory` GiB (the defaults without one)."""
-    from qlora_trainer.auto_settings import Budget, apply_plan, plan
+    from qlora_trainer.estimate.auto_settings import Budget, apply_plan, plan
 
     budget = Budget(gpu_memory, f"--gpu-memory {gpu_memory:g}") if gpu_memory is not None else Budget(
         None, "no --gpu-memory given: the defaults; pass --gpu-memory GIB to choose")
@@ -290,7 +290,7 @@ def _launch_settings(settings, args):
 
 
 def _export(args) -> int:
-    from qlora_trainer.export import ExportOptions, export
+    from qlora_trainer.deploy.export import ExportOptions, export
 
     options = ExportOptions(source=args.source, output=args.output, dtype=args.dtype, base_weights=args.base_weights,
                             base=args.base, max_shard_size=args.max_shard_size, verify=not args.no_verify, force=args.force)
@@ -300,7 +300,7 @@ def _export(args) -> int:
 
 
 def _generate(args) -> int:
-    from qlora_trainer.generate import GenerateOptions, format_prompt, generate, load_for_inference
+    from qlora_trainer.deploy.generate import GenerateOptions, format_prompt, generate, load_for_inference
 
     if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
         raise UserError("--max-new-tokens must be positive, --top-p in (0, 1], --temperature 0 or more")
@@ -325,9 +325,9 @@ def _generate(args) -> int:
 
 
 def _recipes(args) -> int:
-    from qlora_trainer.memory import GIB, estimate
-    from qlora_trainer.memory_report import settings_from_recipe, shape_for_model
-    from qlora_trainer.recipe import launch_command, load_recipe, shipped_recipe_names, shipped_recipes_dir
+    from qlora_trainer.config.recipe_files import launch_command, load_recipe, shipped_recipe_names, shipped_recipes_dir
+    from qlora_trainer.estimate.memory import GIB, estimate
+    from qlora_trainer.estimate.memory_report import settings_from_recipe, shape_for_model
 
     rows, launches = [], []
     for name in shipped_recipe_names():

@@ -4,6 +4,11 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_WONT_FIT = 3
+EXIT_INTERRUPTED = 130
+
+# Line breaks and other control characters in what a message quotes (a key, a value, a file name) would split the
+# one error line or hide part of it: they are shown escaped, as Python writes them.
+_ESCAPED = {code: repr(chr(code))[1:-1] for code in [*range(32), *range(127, 160), 0x2028, 0x2029]}
 
 
 class UserError(Exception):
@@ -11,13 +16,14 @@ class UserError(Exception):
 
     exit_code = EXIT_BAD_INPUT
 
+    def __init__(self, message: str):
+        super().__init__(message.translate(_ESCAPED))
+
 
 class WontFitError(UserError):
     """The run is predicted not to fit the machine it would run on. Exit code 3; `--force` overrides."""
 
     exit_code = EXIT_WONT_FIT
-
-EXIT_INTERRUPTED = 130
 
 
 class TrainingFailed(Exception):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_trainer.demo_model import build_demo_model
+from qlora_trainer.loading.demo_model import build_demo_model
 
 TINY_SPEC = {
     "corpus": "data/complaints-train.jsonl",

@@ -12,13 +12,17 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from qlora_trainer import model as model_lib
-from qlora_trainer.activation_memory import (
-    DROPOUT_MASK_BYTES, activation_peak, attention_matrix_bytes, layer_saved_bytes_per_token, lora_saved_bytes_per_token,
+from qlora_trainer.config.recipe import LoraSection, ModelSection, QuantizationSection
+from qlora_trainer.estimate.activation_memory import (
+    DROPOUT_MASK_BYTES,
+    activation_peak,
+    attention_matrix_bytes,
+    layer_saved_bytes_per_token,
+    lora_saved_bytes_per_token,
 )
-from qlora_trainer.architectures import load_architecture
-from qlora_trainer.memory import Settings, estimate, lora_targets, model_shape
-from qlora_trainer.recipe import LoraSection, ModelSection, QuantizationSection
+from qlora_trainer.estimate.memory import Settings, estimate, lora_targets, model_shape
+from qlora_trainer.loading import model as model_lib
+from qlora_trainer.loading.architectures import load_architecture
 
 SEQ = 48
 

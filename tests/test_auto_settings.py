@@ -12,12 +12,13 @@ import pytest
 import yaml
 from helpers import REPO
 
-from qlora_trainer import auto_settings, cli
-from qlora_trainer.auto_settings import Budget, plan, relative_time_per_token, settle, settle_packing
+from qlora_trainer import cli
+from qlora_trainer.config.recipe_files import load_recipe
 from qlora_trainer.errors import UserError
-from qlora_trainer.memory import GIB, estimate
-from qlora_trainer.memory_report import settings_from_recipe, shape_for_model
-from qlora_trainer.recipe import load_recipe
+from qlora_trainer.estimate import auto_settings
+from qlora_trainer.estimate.auto_settings import Budget, plan, relative_time_per_token, settle, settle_packing
+from qlora_trainer.estimate.memory import GIB, estimate
+from qlora_trainer.estimate.memory_report import settings_from_recipe, shape_for_model
 
 BUDGETS = (8, 12, 24, 80)
 
@@ -196,7 +197,7 @@ def test_regional_compile_wraps_each_decoder_layer(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_trainer.speed_levers import compile_decoder_layers
+    from qlora_trainer.training.speed_levers import compile_decoder_layers
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     assert compile_decoder_layers(model) == model.config.num_hidden_layers
@@ -209,7 +210,7 @@ LIGER_PROBE = """
 import sys, torch
 from transformers import AutoModelForCausalLM
 from peft import LoraConfig, get_peft_model
-from qlora_trainer.speed_levers import apply_kernels
+from qlora_trainer.training.speed_levers import apply_kernels
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 before = type(model.model.norm).forward
 apply_kernels(model, "liger")

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qlora_trainer.cli import main
+from qlora_trainer.config.recipe import Recipe
+from qlora_trainer.config.recipe_files import load_recipe
 from qlora_trainer.errors import UserError
-from qlora_trainer.recipe import Recipe, load_recipe
 
 CORPUS = Path(__file__).parent / "bad_recipes"
 

@@ -8,15 +8,14 @@ import math
 
 import pytest
 import torch
-
-from qlora_trainer.data import load_data
-from qlora_trainer.sequence_fit import describe_data, fit_to_tokenizer, token_lengths
-from qlora_trainer.errors import UserError
-from qlora_trainer.model import load_base_model, load_tokenizer
-from qlora_trainer.recipe import validate
-from qlora_trainer.train import build_trainer
-
 from helpers import run_cli
+
+from qlora_trainer.config.recipe_files import validate
+from qlora_trainer.dataset.data import load_data
+from qlora_trainer.dataset.sequence_fit import describe_data, fit_to_tokenizer, token_lengths
+from qlora_trainer.errors import UserError
+from qlora_trainer.loading.model import load_base_model, load_tokenizer
+from qlora_trainer.training.trainer_setup import build_trainer
 
 IM_START, IM_END, EOS, PAD = 4, 5, 2, 3  # the tiny tokenizer's special tokens (conftest.py)
 CHAT = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "my bill"},

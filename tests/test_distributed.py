@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from helpers import REPO
+from test_reliability import assert_same_adapter, wait_for_checkpoint
+
 from qlora_trainer import distributed
 from qlora_trainer.errors import UserError
-from qlora_trainer.run_dir import latest_checkpoint
-from test_reliability import assert_same_adapter, wait_for_checkpoint
+from qlora_trainer.files.run_dir import latest_checkpoint
 
 DEMO_DATA = REPO / "recipes" / "data"
 STEPS, ROWS, MICRO, ACCUMULATION, PROCESSES = 12, 600, 8, 2, 2
@@ -290,8 +290,8 @@ def test_a_multi_gpu_recipe_started_on_one_process_says_how_to_launch_it():
 
 
 def test_launch_checks_global_batch_and_fsdp_optimizer():
-    from qlora_trainer.recipe import load_recipe
-    from qlora_trainer.train import check_launch
+    from qlora_trainer.config.recipe_files import load_recipe
+    from qlora_trainer.training.train import check_launch
 
     recipe, _ = load_recipe("llama7b-r8", ["train.micro_batch_size=2", "train.global_batch_size=6"])
     check_launch(recipe, distributed.Launch())

@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import REPO, refused_cleanly, tree_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import REPO, refused_cleanly, tree_state
 from qlora_trainer.cli import main
 
 DEMO_TRAIN = REPO / "recipes" / "data" / "complaints-train.jsonl"
@@ -254,13 +254,13 @@ def saved_log(line: str) -> Path:
 
 
 INTERNAL = [  # (command, the function of ours that fails, its module)
-    ("train", "load_base_model", "qlora_trainer.model"),
-    ("train", "build_trainer", "qlora_trainer.train"),
-    ("export", "merge_streaming", "qlora_trainer.export"),
-    ("export", "find_adapter", "qlora_trainer.export"),
-    ("generate", "load_for_inference", "qlora_trainer.generate"),
-    ("estimate", "estimate", "qlora_trainer.memory"),
-    ("recipes", "shipped_recipe_names", "qlora_trainer.recipe"),
+    ("train", "load_base_model", "qlora_trainer.loading.model"),
+    ("train", "build_trainer", "qlora_trainer.training.train"),
+    ("export", "merge_streaming", "qlora_trainer.deploy.export"),
+    ("export", "find_adapter", "qlora_trainer.deploy.export"),
+    ("generate", "load_for_inference", "qlora_trainer.deploy.generate"),
+    ("estimate", "estimate", "qlora_trainer.estimate.memory"),
+    ("recipes", "shipped_recipe_names", "qlora_trainer.config.recipe_files"),
 ]
 
 
@@ -323,7 +323,7 @@ def test_an_unexpected_error_after_the_first_step_keeps_the_run_and_logs_there(t
     """A run that stepped has checkpoints worth resuming: it stays, with error.log beside them."""
     from transformers import TrainerCallback
 
-    import qlora_trainer.train as train_module
+    import qlora_trainer.training.train as train_module
 
     class FailAtStep3(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -344,7 +344,7 @@ def test_an_unexpected_error_after_the_first_step_keeps_the_run_and_logs_there(t
 
 
 def test_ctrl_c_before_the_first_step_leaves_no_run_directory(tmp_path, tiny_model_dir, monkeypatch):
-    import qlora_trainer.model as model_lib
+    import qlora_trainer.loading.model as model_lib
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -358,7 +358,7 @@ def test_ctrl_c_before_the_first_step_leaves_no_run_directory(tmp_path, tiny_mod
 
 
 def test_an_empty_output_dir_made_beforehand_is_emptied_not_removed(tmp_path, tiny_model_dir, monkeypatch):
-    import qlora_trainer.model as model_lib
+    import qlora_trainer.loading.model as model_lib
 
     monkeypatch.setattr(model_lib, "load_base_model", boom)
     run = tmp_path / "run"
@@ -373,7 +373,7 @@ def test_an_empty_output_dir_made_beforehand_is_emptied_not_removed(tmp_path, ti
     (NotADirectoryError(20, "Not a directory", "/data/file/x"), "a part of the path is a file"),
 ])
 def test_an_os_error_on_a_named_path_is_bad_input(error, fragment, monkeypatch, tmp_path):
-    import qlora_trainer.recipe as recipe_module
+    import qlora_trainer.config.recipe as recipe_module
 
     def fail(*args, **kwargs):
         raise error
@@ -383,7 +383,7 @@ def test_an_os_error_on_a_named_path_is_bad_input(error, fragment, monkeypatch, 
 
 
 def test_a_closed_pipe_ends_quietly(monkeypatch):
-    import qlora_trainer.recipe as recipe_module
+    import qlora_trainer.config.recipe as recipe_module
 
     def closed(*args, **kwargs):
         raise BrokenPipeError(32, "Broken pipe")
@@ -435,3 +435,14 @@ def test_an_unexpected_error_in_one_process_ends_every_process_with_it():
     for rank in (0, 1):
         assert results[rank]["together"] == ("process 1: ValueError: a library failed in one process", True, True)
         assert results[rank]["on_main"] == "KeyError: 'missing'"
+
+
+@given(st.text(max_size=20))
+def test_a_user_error_is_one_line_whatever_it_quotes(quoted):
+    """Keys, values and file names come from the user: a line break or an escape sequence in one must not split the
+    error line or rewrite the terminal."""
+    from qlora_trainer.errors import UserError
+
+    message = str(UserError(f"data.path: {quoted} does not exist"))
+    assert message.splitlines() == [message] and "\x1b" not in message
+    assert message.startswith("data.path: ") and message.endswith(" does not exist")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_trainer.gpu_memory import GIB, PeakTracker, report_from_snapshot
+from qlora_trainer.training.gpu_memory import GIB, PeakTracker, report_from_snapshot
 
 
 def test_peak_is_the_allocator_peak_plus_the_largest_gap():

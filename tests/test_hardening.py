@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import refused_cleanly
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import refused_cleanly
 from qlora_trainer.cli import main
-from qlora_trainer.data import load_data
+from qlora_trainer.config.recipe_files import load_recipe, load_yaml, validate
+from qlora_trainer.dataset.data import load_data
 from qlora_trainer.errors import UserError
-from qlora_trainer.recipe import load_recipe, load_yaml, validate
 
 ROWS = [{"prompt": f"Tweet: my bill {i} is late\nLabel:", "completion": " complaint"} for i in range(8)]
 TINY_LINEARS = "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
@@ -377,7 +377,7 @@ def other_base(demo_run, tmp_path_factory) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from qlora_trainer.demo_model import demo_model_path
+    from qlora_trainer.loading.demo_model import demo_model_path
 
     source = demo_model_path("demo:tiny-llama")
     target = tmp_path_factory.mktemp("bases") / "other"
@@ -390,8 +390,8 @@ def other_base(demo_run, tmp_path_factory) -> Path:
 
 
 def test_the_demo_run_records_its_base_fingerprint(demo_run):
-    from qlora_trainer.base_fingerprint import FILE, fingerprint
-    from qlora_trainer.recipe import ModelSection
+    from qlora_trainer.config.recipe import ModelSection
+    from qlora_trainer.loading.base_fingerprint import FILE, fingerprint
 
     recorded = json.loads((demo_run / "adapter" / FILE).read_text())
     assert recorded == json.loads((demo_run / FILE).read_text())
@@ -401,9 +401,9 @@ def test_the_demo_run_records_its_base_fingerprint(demo_run):
 def test_fingerprint_ignores_dtype_and_sharding_and_sees_other_weights(demo_run, other_base, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qlora_trainer.base_fingerprint import fingerprint
-    from qlora_trainer.demo_model import demo_model_path
-    from qlora_trainer.recipe import ModelSection
+    from qlora_trainer.config.recipe import ModelSection
+    from qlora_trainer.loading.base_fingerprint import fingerprint
+    from qlora_trainer.loading.demo_model import demo_model_path
 
     model = AutoModelForCausalLM.from_pretrained(demo_model_path("demo:tiny-llama"), dtype="float32")
     model.save_pretrained(tmp_path / "fp32-sharded", max_shard_size="100KB")
@@ -439,7 +439,7 @@ def test_export_and_generate_refuse_paths_of_the_wrong_kind(demo_run, tmp_path):
 
 
 def test_only_a_runs_own_adapter_makes_the_whole_run_the_source(tmp_path):
-    from qlora_trainer.export import ExportOptions, _check_output_apart
+    from qlora_trainer.deploy.export import ExportOptions, _check_output_apart
 
     project = tmp_path / "project"
     (project / "my-adapter").mkdir(parents=True)
@@ -463,7 +463,7 @@ def test_a_base_with_other_weights_is_refused_naming_both(demo_run, other_base, 
 
 
 def test_an_adapter_set_refuses_a_base_with_other_weights(demo_run, other_base):
-    from qlora_trainer.adapters import AdapterSet
+    from qlora_trainer.deploy.adapters import AdapterSet
 
     models = AdapterSet(str(other_base), device="cpu")
     with pytest.raises(UserError, match="has other weights"):
@@ -537,8 +537,8 @@ def test_property_any_duplicated_key_is_refused(mapping, data):
 @given(st.lists(st.one_of(st.sampled_from(TINY_LINEARS.split(", ") + ["self_attn.q_proj", "mlp", "layers", "0"]),
                           st.text(max_size=10)), max_size=4))
 def test_property_targets_are_linear_layers_or_refused_with_the_list(tiny_model_dir, targets):
-    from qlora_trainer.memory_report import shape_for_model
-    from qlora_trainer.model_checks import check_lora_targets
+    from qlora_trainer.estimate.memory_report import shape_for_model
+    from qlora_trainer.loading.model_checks import check_lora_targets
 
     shape = shape_for_model(str(tiny_model_dir))
     valid = bool(targets) and all(any(l.name == t or l.name.endswith("." + t) for l in shape.linears) for t in targets)
@@ -586,7 +586,7 @@ def test_atomic_writes_and_saved_weights_follow_the_umask(tmp_path, umask, file_
     import torch
     from safetensors.torch import save_file
 
-    from qlora_trainer.run_dir import apply_umask, write_json_atomic
+    from qlora_trainer.files.run_dir import apply_umask, write_json_atomic
 
     old = os.umask(umask)
     try:

@@ -8,17 +8,23 @@ import json
 import bitsandbytes as bnb
 import pytest
 import torch
+from helpers import run_cli
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from helpers import run_cli
-from qlora_trainer.architectures import known_architectures, load_architecture
-from qlora_trainer.memory import (
-    Settings, base_weight_bytes, estimate, lora_targets, model_shape, optimizer_state_bytes, quant_constant_bytes,
+from qlora_trainer.config.recipe import ModelSection, QuantizationSection
+from qlora_trainer.estimate.memory import (
+    Settings,
+    base_weight_bytes,
+    estimate,
+    lora_targets,
+    model_shape,
+    optimizer_state_bytes,
+    quant_constant_bytes,
     unquantized_param_bytes,
 )
-from qlora_trainer.model import load_base_model
-from qlora_trainer.recipe import ModelSection, QuantizationSection
+from qlora_trainer.loading.architectures import known_architectures, load_architecture
+from qlora_trainer.loading.model import load_base_model
 
 FAMILIES = ["llama-2-7b", "mistral-7b", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini"]
 
@@ -250,7 +256,7 @@ def test_vram_grid_covers_the_issue():
 
 def test_a_run_that_would_not_fit_stops_with_the_changes_that_fit():
     from qlora_trainer.errors import WontFitError
-    from qlora_trainer.memory_report import check_fits
+    from qlora_trainer.estimate.memory_report import check_fits
 
     shape = model_shape(load_architecture("llama-3.1-8b"), "llama-3.1-8b")
     settings = Settings(rank=64, seq_len=4096, batch_size=4, gradient_checkpointing=False)

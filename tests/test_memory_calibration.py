@@ -7,10 +7,10 @@ import json
 from functools import cache
 
 import pytest
-
 from helpers import REPO
-from qlora_trainer.memory import CUDA_CONTEXT_BYTES, GIB, Settings, estimate
-from qlora_trainer.memory_report import shape_for_model
+
+from qlora_trainer.estimate.memory import CUDA_CONTEXT_BYTES, GIB, Settings, estimate
+from qlora_trainer.estimate.memory_report import shape_for_model
 
 MEASURED = REPO / "benchmarks" / "vram"
 FILES = ("h100-2026-11-22.jsonl", "h100-levers-2026-11-22.jsonl")

@@ -14,13 +14,18 @@ from peft import get_peft_model
 from safetensors import safe_open
 
 from qlora_trainer import cli
-from qlora_trainer import model as model_lib
-from qlora_trainer.architectures import _raw, architecture_for, load_architecture
-from qlora_trainer.demo_model import build_demo_model
-from qlora_trainer.memory import (
-    Settings, base_weight_bytes, estimate, model_shape, quant_constant_bytes, unquantized_param_bytes,
+from qlora_trainer.config.recipe import LoraSection, ModelSection, QuantizationSection
+from qlora_trainer.estimate.memory import (
+    Settings,
+    base_weight_bytes,
+    estimate,
+    model_shape,
+    quant_constant_bytes,
+    unquantized_param_bytes,
 )
-from qlora_trainer.recipe import LoraSection, ModelSection, QuantizationSection
+from qlora_trainer.loading import model as model_lib
+from qlora_trainer.loading.architectures import _raw, architecture_for, load_architecture
+from qlora_trainer.loading.demo_model import build_demo_model
 
 # One architecture file per family; the tiny model keeps its structure (tying, biases, norms, fused projections).
 FAMILIES = {
@@ -180,9 +185,9 @@ def test_a_refused_attention_choice_is_one_line_naming_the_key(family_dirs, tmp_
 
 
 def test_auto_attention_drives_the_estimate_and_packing():
-    from qlora_trainer.auto_settings import Budget, apply_plan, plan, settle_packing
-    from qlora_trainer.memory_report import settings_from_recipe
-    from qlora_trainer.recipe import load_recipe
+    from qlora_trainer.config.recipe_files import load_recipe
+    from qlora_trainer.estimate.auto_settings import Budget, apply_plan, plan, settle_packing
+    from qlora_trainer.estimate.memory_report import settings_from_recipe
 
     recipe, _ = load_recipe("gemma2-9b-r16")
     assert recipe.model.attn_implementation == "auto"
@@ -210,7 +215,7 @@ def test_auto_attention_drives_the_estimate_and_packing():
     ("qwen3-8b-r16", 12, "sdpa"), ("llama3.2-3b-r16", 8, "sdpa"), ("gemma2-9b-r16", 12, "eager"),
 ])
 def test_family_recipes_fit_the_card_their_header_names(name, card_gib, attention, capsys):
-    from qlora_trainer.recipe import find_recipe
+    from qlora_trainer.config.recipe_files import find_recipe
 
     header = find_recipe(name).read_text().splitlines()[2]
     assert f" {card_gib} GB card" in header and f"--gpu-memory {card_gib}" in header

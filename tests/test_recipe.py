@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from qlora_trainer.config.recipe import Recipe
+from qlora_trainer.config.recipe_files import launch_command, load_recipe, shipped_recipe_names, shipped_recipes_dir
 from qlora_trainer.errors import UserError
-from qlora_trainer.recipe import Recipe, launch_command, load_recipe, shipped_recipe_names, shipped_recipes_dir
 
 MINIMAL = """\
 model:

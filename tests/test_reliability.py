@@ -13,17 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from helpers import REPO
-from qlora_trainer.data import load_data
+from qlora_trainer.config.recipe import DataSection
+from qlora_trainer.config.recipe_files import load_recipe
+from qlora_trainer.dataset.data import load_data
 from qlora_trainer.errors import TrainingFailed, UserError
-from qlora_trainer.recipe import DataSection, load_recipe
-from qlora_trainer.run_dir import latest_checkpoint
-from qlora_trainer.train import RunOptions, train
+from qlora_trainer.files.run_dir import latest_checkpoint
+from qlora_trainer.training.train import RunOptions, train
 
 DEMO_TRAIN = REPO / "recipes" / "data" / "complaints-train.jsonl"
 STEPS = 24
@@ -172,7 +173,7 @@ class RaiseAtStep(TrainerCallback):
      ["No space left on device", "earlier checkpoints", "--resume"]),
 ])
 def test_failures_mid_run_become_one_line_and_keep_checkpoints(recipe_file, tmp_path, monkeypatch, error, fragments):
-    import qlora_trainer.train as train_module
+    import qlora_trainer.training.train as train_module
 
     original = train_module.build_trainer
 
@@ -227,7 +228,7 @@ def test_resume_refuses_a_different_lora(recipe_file, uninterrupted, tmp_path, c
 
 
 def test_a_full_disk_after_training_keeps_checkpoints_and_writes_no_summary(recipe_file, tmp_path, monkeypatch):
-    import qlora_trainer.train as train_module
+    import qlora_trainer.training.train as train_module
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, refused_cleanly
 from safetensors.torch import load_file, save_file
 
-from helpers import REPO, refused_cleanly
 from qlora_trainer.cli import main
 from qlora_trainer.errors import UserError
-from qlora_trainer.resume import damage, usable_checkpoint
+from qlora_trainer.training.resume import damage, usable_checkpoint
 
 DEMO_TRAIN = REPO / "recipes" / "data" / "complaints-train.jsonl"
 

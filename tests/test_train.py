@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 import yaml
-
-from qlora_trainer.data import load_data
-from qlora_trainer.model import frozen_dtypes, load_base_model, load_tokenizer, parameter_report
-from qlora_trainer.recipe import load_recipe
-from qlora_trainer.train import RunOptions, build_trainer, train
-
 from helpers import REPO
+
+from qlora_trainer.config.recipe_files import load_recipe
+from qlora_trainer.dataset.data import load_data
+from qlora_trainer.loading.model import frozen_dtypes, load_base_model, load_tokenizer, parameter_report
+from qlora_trainer.training.train import RunOptions, train
+from qlora_trainer.training.trainer_setup import build_trainer
 
 DEMO_TRAIN = REPO / "recipes" / "data" / "complaints-train.jsonl"
 DEMO_HELDOUT = REPO / "recipes" / "data" / "complaints-heldout.jsonl"

@@ -118,7 +118,7 @@ def child_unsloth(args, weights: str, rows: str, out: str) -> None:
 def _cap(args) -> None:
     """The same cap as ours: the process, context included, within --cap GiB."""
     if args.device == "cuda" and args.cap:
-        from qlora_trainer.gpu_budget import apply_cap
+        from qlora_trainer.estimate.gpu_budget import apply_cap
 
         apply_cap(args.cap)
 
@@ -255,7 +255,7 @@ def main() -> None:
 def bench(args) -> None:
     import torch
 
-    from qlora_trainer.memory_report import shape_for_model
+    from qlora_trainer.estimate.memory_report import shape_for_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_speed: no CUDA GPU here; pass --device cpu for the smoke version")

@@ -73,7 +73,7 @@ def main() -> None:
         random_adapter(base, adapter, args.rank)
     params = json.loads((base / "config.json").read_text())
     imports = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-c",
-                              "import qlora_trainer.export, qlora_trainer.cli, torch, transformers, peft, bitsandbytes"],
+                              "import qlora_trainer.deploy.export, qlora_trainer.cli, torch, transformers, peft, bitsandbytes"],
                              capture_output=True, text=True, cwd=REPO)
     result = {"arch": args.arch, "python_and_libraries_rss_gib": round(int(imports.stderr.strip().splitlines()[-1]) / 2**20, 3), "rank": args.rank, "machine": "CPU (2 cores, 24 GiB), torch 2.13 CPU",
               "base_bf16_gib": round(sum(p.stat().st_size for p in base.glob("*.safetensors")) / 2**30, 3),

@@ -10,7 +10,7 @@ full-length synthetic sequences (the estimator's worst case), and appends one JS
 
 Each configuration runs in a fresh process with its own run directory, so that one run's cached allocator blocks
 never inflate the next and concurrent jobs never touch each other's checkpoints. The measured figure is the
-process's own peak as nvidia-smi shows it, from NVML's per-process reading (qlora_trainer/gpu_memory.py), which
+process's own peak as nvidia-smi shows it, from NVML's per-process reading (qlora_trainer/training/gpu_memory.py), which
 stays right when other jobs share the GPU; torch's peak reserved and allocated are recorded beside it.
 `--device cpu` runs the same path on the CPU (no memory figures), which the test suite uses to keep this script
 working on machines without a GPU.
@@ -63,7 +63,7 @@ def build_weights(arch: str, root: Path, overrides: dict) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from qlora_trainer.architectures import load_architecture
+    from qlora_trainer.loading.architectures import load_architecture
 
     target = root / (arch + ("-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) if overrides else ""))
     if (target / "config.json").is_file():
@@ -100,7 +100,7 @@ def synthetic_rows(path: Path, seq_len: int, count: int) -> Path:
 
 def recipe_for(cfg: dict, weights: Path, data_path: Path, steps: int) -> dict:
     """The run's recipe, with every lever this version's recipe schema has set explicitly, so no `auto` picks."""
-    from qlora_trainer.recipe import TrainSection
+    from qlora_trainer.config.recipe import TrainSection
 
     train = {"seq_len": cfg["seq_len"], "micro_batch_size": cfg["batch_size"], "gradient_accumulation_steps": 1,
              "max_steps": steps, "gradient_checkpointing": cfg["checkpointing"], "save_steps": 10**6, "logging_steps": 1,
@@ -115,12 +115,12 @@ def recipe_for(cfg: dict, weights: Path, data_path: Path, steps: int) -> dict:
 
 
 def measure(cfg: dict, device: str, steps: int, workdir: Path, overrides: dict) -> dict:
-    from qlora_trainer import model as model_lib
-    from qlora_trainer.data import load_data
-    from qlora_trainer.memory import estimate
-    from qlora_trainer.memory_report import settings_from_recipe, shape_for_model
-    from qlora_trainer.recipe import validate
-    from qlora_trainer.train import build_trainer
+    from qlora_trainer.config.recipe_files import validate
+    from qlora_trainer.dataset.data import load_data
+    from qlora_trainer.estimate.memory import estimate
+    from qlora_trainer.estimate.memory_report import settings_from_recipe, shape_for_model
+    from qlora_trainer.loading import model as model_lib
+    from qlora_trainer.training.trainer_setup import build_trainer
 
     weights = build_weights(cfg["arch"], workdir / "weights", overrides)
     run = workdir / f"run-{os.getpid()}"  # concurrent jobs: each its own checkpoints and staging directory
@@ -149,7 +149,7 @@ def measure(cfg: dict, device: str, steps: int, workdir: Path, overrides: dict) 
 def _start_sampler():
     import torch
 
-    from qlora_trainer.gpu_memory import MemorySampler, ProcessMemory
+    from qlora_trainer.training.gpu_memory import MemorySampler, ProcessMemory
 
     torch.cuda.init()
     torch.empty(1, device="cuda")  # create the context so that the first sample sees it

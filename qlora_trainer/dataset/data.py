@@ -1,0 +1,384 @@
+"""Training data: load local files or hub datasets, detect the row shape, check every row, and turn rows into
+the shapes TRL's SFTTrainer reads (`prompt`/`completion`, `messages` or `text`). `sequence_fit.py` then settles
+the chat template and counts the rows longer than train.seq_len.
+
+Rows are checked as Python objects before any Arrow table is built: Arrow fails on a column whose types differ
+between rows with a message that names neither the row nor the field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlora_trainer.config.recipe import DataSection
+from qlora_trainer.dataset.chat_templates import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+from qlora_trainer.errors import UserError, first_line
+
+LOCAL_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+UTF8_BOM = b"\xef\xbb\xbf"  # some Windows editors start UTF-8 files with it
+
+# The fields each format needs; `auto` picks the first format whose fields are all present.
+REQUIRED_FIELDS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+@dataclass
+class Data:
+    train: object  # datasets.Dataset in the shape TRL reads
+    eval: object | None
+    format: str  # as detected: messages, sharegpt, prompt_completion, alpaca or text
+    source: str
+    notes: list[str] = field(default_factory=list)  # what happened to the rows, for the run output
+    stats: dict = field(default_factory=dict)  # the same as numbers, for summary.json
+
+
+@dataclass
+class _Rows:
+    """Raw rows of one source, each with where it came from (`file:line` or `source row N`)."""
+    source: str
+    rows: list[tuple[str, dict | None, str | None]]  # (where, row, problem reading it)
+
+
+def load_data(section: DataSection, seed: int) -> Data:
+    """Load, check and convert the training (and eval) rows. Sets `section.format` to the detected format, so the
+    saved recipe records it and a rerun checks it."""
+    raw = _read_source(section.path, section, "path")
+    if section.max_rows:
+        raw.rows = raw.rows[:section.max_rows]
+    _require_some_object(raw)
+    fmt = detect_format(_columns(raw), section.format, raw.source)
+    section.format = "messages" if fmt == "sharegpt" else fmt
+    stats: dict = {}
+    notes: list[str] = []
+    train = _convert(raw, fmt, section, stats, notes, "train")
+    eval_set = None
+    if section.eval_path:
+        eval_raw = _read_source(section.eval_path, section, "eval_path")
+        _require_some_object(eval_raw)
+        eval_fmt = detect_format(_columns(eval_raw), section.format, eval_raw.source)
+        eval_set = _convert(eval_raw, eval_fmt, section, stats, notes, "eval")
+    elif section.eval_fraction > 0:
+        held_out = round(len(train) * section.eval_fraction)
+        if held_out < 1 or held_out >= len(train):
+            raise UserError(f"data.eval_fraction {section.eval_fraction:g} of {len(train)} rows leaves "
+                            f"{held_out} eval rows; use a larger share or set data.eval_path")
+        parts = train.train_test_split(test_size=held_out, seed=seed)
+        train, eval_set = parts["train"], parts["test"]
+    stats.update(train_rows=len(train), eval_rows=len(eval_set) if eval_set is not None else 0)
+    data = Data(train=train, eval=eval_set, format=fmt, source=raw.source, notes=notes, stats=stats)
+    notes.insert(0, count_note(data))
+    return data
+
+
+def _require_some_object(raw: _Rows) -> None:
+    """With no row read as a JSON object there are no columns to detect a format from: name the first row's problem."""
+    if not any(row for _, row, _ in raw.rows):
+        where, _, problem = raw.rows[0]
+        raise UserError(f"{where}: {problem or 'the row is an empty object'}; no row of {raw.source} is usable")
+
+
+def count_note(data: Data) -> str:
+    evals = f", {len(data.eval)} eval rows" if data.eval is not None else ""
+    return f"{len(data.train)} training rows{evals} ({data.format} format, from {data.source})"
+
+
+def check_data_path(section: DataSection) -> None:
+    """Cheap checks for `--dry-run`: a local path must exist (a hub id is only checked when loading)."""
+    for key in ("path", "eval_path"):
+        value = getattr(section, key)
+        if value and _looks_local(value):
+            _require_exists(value, key)
+
+
+def _require_exists(value: str, key: str) -> None:
+    if not Path(value).expanduser().exists():
+        raise UserError(f"data.{key}: {value} does not exist; fix the path or pass a hub dataset id")
+
+
+def _looks_local(value: str) -> bool:
+    return Path(value).suffix in LOCAL_SUFFIXES or value.startswith((".", "/", "~")) or Path(value).exists()
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_source(value: str, section: DataSection, key: str) -> _Rows:
+    path = Path(value).expanduser()
+    if not _looks_local(value):
+        return _read_hub(value, section, key)
+    _require_exists(value, key)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+    nested = [p for p in files if not p.is_file()]
+    if nested:  # e.g. Spark writes a directory `part.json/` of part files
+        raise UserError(f"data.{key}: {nested[0]} is a directory, not a data file; point data.{key} at it directly "
+                        f"or move it out of {path}")
+    if not files:
+        raise UserError(f"data.{key}: {path} holds no .jsonl, .json, .csv or .parquet files")
+    rows = [row for f in files for row in _read_file(f)]
+    if not rows:
+        raise UserError(f"{path}: the file has no rows; add training examples")
+    return _Rows(str(path), [_rename(r, section.columns) for r in rows])
+
+
+def _read_file(path: Path) -> list[tuple[str, dict | None, str | None]]:
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise UserError(f"{path}: unknown file type; use .jsonl, .json, .csv or .parquet")
+    if path.suffix == ".parquet":
+        return _read_with_datasets(path, "parquet")
+    data = path.read_bytes().removeprefix(UTF8_BOM)  # as for CSV, which pandas reads past a BOM
+    if path.suffix == ".jsonl" and data.lstrip().startswith(b"["):
+        raise UserError(f"{path}: holds a JSON array, but a .jsonl file holds one JSON object per line; rename it to "
+                        ".json or write one object per line")
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and not data.lstrip().startswith(b"[")):
+        return read_jsonl_rows(path, data)  # datasets also reads a .json file of one object per line
+    _check_utf8(path, data)
+    if path.suffix == ".csv":
+        return _read_with_datasets(path, "csv")
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    return [(f"{path} item {i + 1}", item if isinstance(item, dict) else None,
+             None if isinstance(item, dict) else f"expected a JSON object, got {type(item).__name__}")
+            for i, item in enumerate(items)]
+
+
+def read_jsonl_rows(path: Path, data: bytes) -> list[tuple[str, dict | None, str | None]]:
+    """One JSON object per line, read ourselves so that a bad line is reported with its number."""
+    rows = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            rows.append((where, None, f"not UTF-8 (byte {err.start + 1} of the line); re-save the file as UTF-8"))
+            continue
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            rows.append((where, None, f"invalid JSON ({err.msg} at column {err.colno}); each line must be one JSON object"))
+            continue
+        problem = None if isinstance(row, dict) else f"expected a JSON object per line, got {type(row).__name__}"
+        rows.append((where, row if problem is None else None, problem))
+    return rows
+
+
+def _check_utf8(path: Path, data: bytes) -> None:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte {err.start + 1} of the file); re-save the file as UTF-8") from None
+
+
+def _read_with_datasets(path: Path, kind: str) -> list[tuple[str, dict | None, str | None]]:
+    from datasets import load_dataset
+    from datasets.utils import logging as datasets_logging
+
+    verbosity, bars_on = datasets_logging.get_verbosity(), datasets_logging.is_progress_bar_enabled()
+    # Its parse errors are logged at ERROR as well as raised: say them once, below. A local file reads in moments,
+    # so its "Generating train split" bar would only interleave with our own lines.
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    datasets_logging.disable_progress_bar()
+    try:
+        table = load_dataset(kind, data_files=[str(path)], split="train")
+    except Exception as err:  # pyarrow and datasets raise many parse errors; all mean "this file is malformed"
+        raise UserError(f"{path}: cannot parse as {kind} ({first_line(_root_cause(err))})") from None
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if bars_on:
+            datasets_logging.enable_progress_bar()
+    return [(f"{path} row {i + 1}", row, None) for i, row in enumerate(table)]
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """datasets wraps the parser's error ("An error occurred while generating the dataset"); the detail is inside."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _read_hub(value: str, section: DataSection, key: str) -> _Rows:
+    from datasets import load_dataset
+
+    split = section.split if key == "path" else "train"
+    try:
+        table = load_dataset(value, section.config, split=split)
+    except Exception as err:  # datasets raises many types (network, missing config, bad split); all mean "cannot load"
+        raise UserError(f"data.{key}: cannot load hub dataset '{value}' ({first_line(err)}); "
+                        "check the id, data.config and data.split, or point data.path at a local file") from None
+    if len(table) == 0:
+        raise UserError(f"data.{key}: hub dataset '{value}' split {split} has no rows")
+    return _Rows(value, [_rename((f"{value} row {i + 1}", row, None), section.columns) for i, row in enumerate(table)])
+
+
+def _rename(item, columns: dict[str, str]):
+    """Apply data.columns (our field -> their column) to one row."""
+    where, row, problem = item
+    if row is None or not columns:
+        return item
+    row = dict(row)
+    for ours, theirs in columns.items():
+        if theirs in row:
+            row[ours] = row.pop(theirs)
+    return where, row, problem
+
+
+def _columns(raw: _Rows) -> list[str]:
+    return list(dict.fromkeys(k for _, row, _ in raw.rows if row for k in row))
+
+
+def detect_format(columns: list[str], requested: str, source: str) -> str:
+    if "conversations" in columns and "messages" not in columns and requested in ("auto", "messages"):
+        return "sharegpt"
+    hint = "; map other column names with data.columns, e.g. {prompt: question, completion: answer}"
+    if requested != "auto":
+        missing = [f for f in REQUIRED_FIELDS[requested] if f not in columns]
+        if missing:
+            raise UserError(f"{source}: data.format is {requested} but the rows have no {', '.join(missing)} field; "
+                            f"columns are {', '.join(columns) or 'none'}{hint}")
+        return requested
+    for fmt, fields in REQUIRED_FIELDS.items():
+        if all(f in columns for f in fields):
+            return fmt
+    raise UserError(f"{source}: cannot tell the data format from the columns {', '.join(columns) or '(none)'}; rows need "
+                    f"messages, conversations, prompt+completion, instruction+output or text{hint}")
+
+
+def _convert(raw: _Rows, fmt: str, section: DataSection, stats: dict, notes: list[str], split: str):
+    """Check every row, apply data.on_bad_rows, count duplicates and empty answers, build the Dataset."""
+    from datasets import Dataset
+
+    good, bad = [], []
+    for where, row, problem in raw.rows:
+        problem = problem or _row_problem(row, fmt)
+        if problem is None:
+            row = _to_trainer_row(row, fmt)
+            problem = _kind_problem(row, good[0] if good else None)
+        if problem:
+            bad.append((where, problem))
+        else:
+            good.append(row)
+    _apply_bad_row_policy(raw, bad, len(raw.rows), section, stats, notes, split)
+    if not good:
+        raise UserError(f"{raw.source}: no usable rows")
+    keys = Counter(json.dumps(r, sort_keys=True) for r in good)
+    duplicates = sum(n - 1 for n in keys.values())
+    empty = sum(1 for r in good if _answer_is_empty(r))
+    stats.update({f"{split}_duplicate_rows": duplicates, f"{split}_empty_answers": empty})
+    if duplicates:
+        notes.append(f"{split}: {duplicates} duplicate rows (kept; deduplicate the file if they are not intended)")
+    if empty:
+        notes.append(f"{split}: {empty} rows with an empty answer (kept: they train only the end-of-answer token)")
+    return Dataset.from_list(good)
+
+
+def _apply_bad_row_policy(raw: _Rows, bad: list, total: int, section: DataSection, stats: dict, notes: list, split: str):
+    stats[f"{split}_skipped_rows"] = len(bad)
+    if not bad:
+        return
+    where, problem = bad[0]
+    if section.on_bad_rows == "error":
+        more = f" ({len(bad) - 1} more bad rows; data.on_bad_rows: skip leaves them out)" if len(bad) > 1 else ""
+        raise UserError(f"{where}: {problem}{more}")
+    reasons = Counter(_reason(p) for _, p in bad)
+    why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+    share = len(bad) / total
+    if share > section.max_bad_fraction:
+        raise UserError(f"{raw.source}: {len(bad)} of {total} rows ({share:.0%}) are bad ({why}), more than "
+                        f"data.max_bad_fraction {section.max_bad_fraction:g}; first: {where}: {problem}")
+    stats[f"{split}_skip_reasons"] = dict(reasons)
+    notes.append(f"{split}: skipped {len(bad)} of {total} bad rows ({share:.1%}): {why}; first: {where}: {problem}")
+
+
+def _reason(problem: str) -> str:
+    """The kind of a problem, for counting: the message up to its details."""
+    return problem.split(" (")[0].split(";")[0]
+
+
+def _row_problem(row: dict, fmt: str) -> str | None:
+    if fmt == "messages":
+        return _messages_problem(row.get("messages"), "messages", "role", "content")
+    if fmt == "sharegpt":
+        return _messages_problem(row.get("conversations"), "conversations", "from", "value")
+    if fmt == "prompt_completion":
+        for name in ("prompt", "completion"):
+            value = row.get(name)
+            if isinstance(value, list):
+                problem = _messages_problem(value, name, "role", "content", needs_assistant=name == "completion")
+                if problem:
+                    return problem
+            elif not isinstance(value, str):
+                return _type_problem(name, value, "a string" if value is None else "a string or a list of messages")
+        return None
+    for name in {"alpaca": ("instruction", "output"), "text": ("text",)}[fmt]:
+        if not isinstance(row.get(name), str):
+            return _type_problem(name, row.get(name), "a string")
+    if fmt == "alpaca" and row.get("input") is not None and not isinstance(row["input"], str):
+        return _type_problem("input", row["input"], "a string")
+    return None
+
+
+def _type_problem(name: str, value, expected: str) -> str:
+    got = "nothing" if value is None else type(value).__name__
+    return f"field '{name}' must be {expected}, got {got}"
+
+
+def _messages_problem(turns, name: str, role_key: str, content_key: str, needs_assistant: bool = True) -> str | None:
+    if not isinstance(turns, list) or not turns:
+        return f"field '{name}' must be a non-empty list of turns, got {type(turns).__name__ if turns is not None else 'nothing'}"
+    roles = SHAREGPT_ROLES if role_key == "from" else {r: r for r in ROLES}
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) or not isinstance(turn.get(content_key), str):
+            return f"field '{name}[{i}]' needs string '{role_key}' and '{content_key}' fields"
+        if turn[role_key] not in roles:
+            return f"field '{name}[{i}].{role_key}' is '{turn[role_key]}'; expected one of {', '.join(roles)}"
+    if needs_assistant and not any(roles[t[role_key]] == "assistant" for t in turns):
+        return f"field '{name}' has no assistant turn to learn from"
+    return None
+
+
+def _kind_problem(row: dict, first: dict | None) -> str | None:
+    """Prompt/completion rows must all be strings or all be message lists, as one Arrow column must be one type."""
+    if first is None or "prompt" not in row:
+        return None
+    for name in ("prompt", "completion"):
+        if isinstance(row[name], list) != isinstance(first[name], list):
+            kind = "a message list" if isinstance(row[name], list) else "a string"
+            return f"field '{name}' is {kind}, unlike the first row; use one kind throughout the file"
+    return None
+
+
+def _to_trainer_row(row: dict, fmt: str) -> dict:
+    if fmt == "alpaca":
+        template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
+        return {"prompt": template.format(instruction=row["instruction"], input=row.get("input") or ""),
+                "completion": row["output"]}
+    if fmt == "sharegpt":
+        return {"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in row["conversations"]]}
+    if fmt == "messages":
+        return {"messages": [{"role": t["role"], "content": t["content"]} for t in row["messages"]]}
+    if fmt == "prompt_completion":
+        return {k: [{"role": t["role"], "content": t["content"]} for t in row[k]] if isinstance(row[k], list) else row[k]
+                for k in ("prompt", "completion")}
+    return {"text": row["text"]}
+
+
+def _answer_is_empty(row: dict) -> bool:
+    if "messages" in row:
+        return any(t["role"] == "assistant" and not t["content"].strip() for t in row["messages"])
+    if "completion" in row:
+        answer = row["completion"]
+        return not (answer.strip() if isinstance(answer, str) else "".join(t["content"] for t in answer).strip())
+    return not row["text"].strip()

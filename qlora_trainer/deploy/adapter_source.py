@@ -1,0 +1,116 @@
+"""Where a trained adapter and its base come from: a run directory, an adapter directory, or a merged export.
+Shared by `export`, `generate` and the multi-adapter API, and the place where a mismatched base is refused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_trainer.config.recipe import ModelSection, QuantizationSection, Recipe
+from qlora_trainer.errors import UserError, first_line
+from qlora_trainer.files.damaged_files import check_safetensors, read_json_object
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class AdapterSource:
+    adapter_dir: Path
+    base: ModelSection
+    quantization: QuantizationSection
+    recipe: Recipe | None  # present for a run directory
+    data_format: str | None  # the training rows' format, from the run summary
+
+
+def find_adapter(path: Path, base_override: str | None = None) -> AdapterSource:
+    """Accept RUN_DIR (recipe.yaml + adapter/) or ADAPTER_DIR (adapter_config.json + weights)."""
+    from qlora_trainer.config.recipe_files import load_recipe
+
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass a run directory or an adapter directory")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a directory; pass a run directory or an adapter directory")
+    recipe = None
+    adapter_dir = path
+    if (path / "recipe.yaml").is_file():
+        recipe, _ = load_recipe(str(path / "recipe.yaml"))  # one-line errors for a damaged file, as for any recipe
+        adapter_dir = path / "adapter"
+    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    if missing:
+        hint = " (the run has not finished: no adapter/ yet)" if recipe is not None else ""
+        raise UserError(f"{adapter_dir}: missing {', '.join(missing)}{hint}; pass a finished run or an adapter directory")
+    fix = "train or copy the adapter again" + (f" (a run's last checkpoint is in {path / 'checkpoints'})" if recipe else "")
+    config = read_json_object(adapter_dir / "adapter_config.json", fix)
+    check_safetensors([adapter_dir / "adapter_model.safetensors"], fix)
+    if recipe is not None:
+        base, quantization = recipe.model, recipe.quantization
+    else:
+        base, quantization = ModelSection(name_or_path=config.get("base_model_name_or_path") or ""), QuantizationSection()
+    if base_override:
+        base = base.model_copy(update={"name_or_path": base_override})
+    if not base.name_or_path:
+        raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --base PATH")
+    summary = path / "summary.json"
+    data_format = read_json_object(summary, f"restore it, or pass the adapter directory {adapter_dir}").get(
+        "data_format") if summary.is_file() else None
+    return AdapterSource(adapter_dir, base, quantization, recipe, data_format)
+
+
+def load_adapter_tokenizer(source: AdapterSource):
+    """The tokenizer saved with the adapter (with the chat template training used), else the base model's."""
+    from transformers import AutoTokenizer
+
+    from qlora_trainer.loading.model import load_tokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.adapter_dir)
+    except (OSError, ValueError) as err:
+        saved = [name for name in ("tokenizer.json", "tokenizer_config.json") if (source.adapter_dir / name).is_file()]
+        if saved:  # a tokenizer was saved and is damaged: the base's may lack the chat template training used
+            raise UserError(f"{source.adapter_dir}: its tokenizer ({', '.join(saved)}) will not load ({first_line(err)}); "
+                            "copy the adapter again, or delete those files to use the base model's") from None
+        print(f"{source.adapter_dir} holds no tokenizer; using the base model's", flush=True)
+        return load_tokenizer(source.base)
+
+
+def lora_module(key: str, part: str) -> str | None:
+    """The base module a PEFT adapter tensor belongs to (`base_model.model.X.lora_A.weight` -> `X`), or None."""
+    marker = f".{part}."
+    return key.split(marker)[0].removeprefix("base_model.model.") if marker in key else None
+
+
+def is_merged_model(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file() and not (path / "recipe.yaml").is_file()
+
+
+def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[list[int], list[int]]]:
+    """LoRA A and B shapes per base module name, read from the safetensors header (no weights loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, dict[str, list[int]]] = {}
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as handle:
+        for key in handle.keys():
+            for part in ("lora_A", "lora_B"):
+                module = lora_module(key, part)
+                if module is not None:
+                    shapes.setdefault(module, {})[part] = handle.get_slice(key).get_shape()
+    return {m: (s["lora_A"], s["lora_B"]) for m, s in shapes.items() if "lora_A" in s and "lora_B" in s}
+
+
+def check_adapter_matches(adapter_dir: Path, base_config, base_name: str) -> None:
+    """Refuse an adapter trained on another base: every adapted module must exist with the same in/out sizes."""
+    import torch
+
+    from qlora_trainer.loading.model import meta_model
+
+    model = meta_model(base_config)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for module, (a_shape, b_shape) in adapter_shapes(adapter_dir).items():
+        layer = linears.get(module)
+        if layer is None:
+            raise UserError(f"adapter {adapter_dir} does not match base '{base_name}': the base has no layer {module}; "
+                            "pass the base it was trained on with --base")
+        if a_shape[1] != layer.in_features or b_shape[0] != layer.out_features:
+            raise UserError(f"adapter {adapter_dir} does not match base '{base_name}': {module} is "
+                            f"{layer.in_features}->{layer.out_features} in the base but {a_shape[1]}->{b_shape[0]} "
+                            "in the adapter; pass the base it was trained on with --base")

@@ -1,0 +1,1 @@
+"""The memory estimate, made before any weights load, and the settings chosen from it."""

@@ -1,0 +1,227 @@
+"""Settle a recipe's `auto` training settings for the GPU in front of the run, before any weights load.
+
+The estimator predicts every candidate's peak memory; a small speed model, measured on an H100, ranks the
+candidates that fit; the fastest one wins. Explicit values in a recipe are obeyed and only the `auto` keys
+are chosen. The result is a recipe with concrete values (saved as the run's recipe.yaml, so a resume trains
+exactly as the run started) and a Plan that says what was chosen and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from qlora_trainer.config.recipe import AUTO, Recipe
+from qlora_trainer.errors import UserError
+from qlora_trainer.estimate import attention
+from qlora_trainer.estimate.memory import GIB, ModelShape, estimate
+from qlora_trainer.estimate.memory_report import settings_from_recipe
+
+# Plan for this share of the budget: the estimator is held to +5% / -3% of nvidia-smi, so 5% keeps a run that
+# the estimate under-predicts inside the card.
+SAFETY_MARGIN = 0.05
+
+# Relative time per token of a training step, measured on an H100 (llama-7b shape, r=8, seq_len 2048,
+# shared/calibration/README.md): 3,405 tokens/s at micro-batch 1 and 7,411 at 4 with checkpointing, 4,944 at
+# micro-batch 1 without. Time per token = (1 + PER_MICRO_STEP / micro_batch) x (RECOMPUTE if checkpointing):
+# a fixed cost per micro-step that larger micro-batches share, and the recomputed forward. TRL's activation
+# offloading costs 0.5%. Only the order of the candidates matters, and that order holds across model sizes.
+PER_MICRO_STEP = 2.577
+RECOMPUTE = 1.452
+OFFLOAD = 1.005
+
+# Packing pays when rows are short: at most this share of seq_len on average (Alpaca-shaped rows at seq_len
+# 2048 trained 1.7x faster packed on the H100).
+PACK_BELOW = 0.5
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory a run may use, as nvidia-smi counts it (the CUDA context included), and where it came from."""
+
+    gib: float | None
+    source: str
+
+
+@dataclass
+class Plan:
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    activation_offloading: bool
+    kernels: str
+    predicted_gib: float
+    budget: Budget
+    fits: bool
+    chosen: list[str]  # the keys that were `auto`
+    notes: list[str] = dataclasses.field(default_factory=list)
+    attn_implementation: str = "sdpa"  # the implementation the model runs with (settled from `auto`)
+
+    def describe(self) -> str:
+        settings = (f"micro-batch {self.micro_batch_size}, checkpointing {_on(self.gradient_checkpointing)}, "
+                    f"offloading {_on(self.activation_offloading)}, kernels {self.kernels}, "
+                    f"{self.attn_implementation} attention")
+        if self.budget.gib is None:
+            return f"{settings}: {self.predicted_gib:.1f} GiB predicted ({self.budget.source})"
+        verdict = "the fastest that fits" if self.fits else "nothing fits; this is the smallest"
+        return (f"{settings}: {self.predicted_gib:.1f} of {self.budget.gib:.1f} GiB predicted "
+                f"({verdict}; budget: {self.budget.source})")
+
+    def to_json(self) -> dict:
+        return {"micro_batch_size": self.micro_batch_size, "gradient_checkpointing": self.gradient_checkpointing,
+                "activation_offloading": self.activation_offloading, "kernels": self.kernels,
+                "attn_implementation": self.attn_implementation, "predicted_gib": round(self.predicted_gib, 3),
+                "budget_gib": self.budget.gib, "budget_source": self.budget.source, "fits": self.fits, "chosen": self.chosen,
+                "reason": self.describe(), "notes": self.notes}
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def relative_time_per_token(micro_batch: int, checkpointing: bool, offloading: bool) -> float:
+    """The speed model above: lower is faster."""
+    return (1 + PER_MICRO_STEP / micro_batch) * (RECOMPUTE if checkpointing else 1) * (OFFLOAD if offloading else 1)
+
+
+def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch=None) -> Plan:
+    """Choose the `auto` micro-batch, checkpointing and offloading: the largest micro-batch predicted to fit
+    within the budget less the safety margin, in its fastest configuration. Without a budget (CPU, or an estimate without --gpu-memory),
+    `auto` keeps the schema's safe defaults: micro-batch 1, checkpointing on, offloading off.
+    The attention implementation is settled first: its activation terms differ (eager keeps seq_len^2 scores)."""
+    attn = attention.resolve(shape, recipe.model.attn_implementation)
+    auto_attention = ["attn_implementation"] if recipe.model.attn_implementation == AUTO else []
+    recipe = settle_model(recipe, attn_implementation=attn)
+    t = recipe.train
+    world = launch.world_size if launch is not None else recipe.distributed.num_gpus
+    kernels, notes = choose_kernels(recipe, shape.model_type, on_gpu)
+    fixed = {"micro_batch_size": t.micro_batch_size, "gradient_checkpointing": t.gradient_checkpointing,
+             "activation_offloading": t.activation_offloading}
+    chosen = [key for key, value in fixed.items() if value == AUTO] + (["kernels"] if t.kernels == AUTO else [])
+    defaults = {"micro_batch_size": 1, "gradient_checkpointing": True, "activation_offloading": False}
+    if budget.gib is None or not on_gpu:
+        values = {key: defaults[key] if value == AUTO else value for key, value in fixed.items()}
+        predicted = _predict(recipe, shape, kernels, launch, **values)
+        return Plan(**values, kernels=kernels, predicted_gib=predicted, budget=budget, fits=True,
+                    chosen=chosen + auto_attention, notes=notes, attn_implementation=attn)
+    limit = budget.gib * (1 - SAFETY_MARGIN)
+    scored = []
+    for values in _candidates(fixed, t.global_batch(world) // world):
+        predicted = _predict(recipe, shape, kernels, launch, **values)
+        speed = relative_time_per_token(values["micro_batch_size"], values["gradient_checkpointing"],
+                                        values["activation_offloading"])
+        scored.append((predicted <= limit, speed, predicted, values))
+    fitting = [c for c in scored if c[0]]
+    # The largest micro-batch that fits, then the fastest way to fit it (checkpointing off where it fits,
+    # offloading only where it is needed): a bigger card never gets a smaller micro-batch. Where nothing fits,
+    # the smallest, so that the fit check names the fixes.
+    best = (min(fitting, key=lambda c: (-c[3]["micro_batch_size"], c[1], c[2])) if fitting
+            else min(scored, key=lambda c: c[2]))
+    return Plan(**best[3], kernels=kernels, predicted_gib=best[2], budget=budget, fits=bool(fitting),
+                chosen=chosen + auto_attention, notes=notes, attn_implementation=attn)
+
+
+def _candidates(fixed: dict, per_process_batch: int) -> list[dict]:
+    """Every combination of the auto keys' values; micro-batches divide the per-process global batch, so the
+    accumulation that keeps the global batch is a whole number."""
+    options = {
+        "micro_batch_size": [m for m in range(1, per_process_batch + 1) if per_process_batch % m == 0],
+        "gradient_checkpointing": [False, True],
+        "activation_offloading": [False, True],
+    }
+    combos = [{}]
+    for key, value in fixed.items():
+        combos = [dict(c, **{key: v}) for c in combos for v in (options[key] if value == AUTO else [value])]
+    # Offloading was measured with checkpointing, where it moves only each layer's input; without checkpointing
+    # it would stream every saved activation over PCIe, which the speed model does not describe.
+    return [c for c in combos if c["gradient_checkpointing"] or not c["activation_offloading"]
+            or fixed["gradient_checkpointing"] is False and fixed["activation_offloading"] is True]
+
+
+def _predict(recipe: Recipe, shape: ModelShape, kernels: str, launch, **values) -> float:
+    settled = settle(recipe, micro_batch_size=values["micro_batch_size"],
+                     gradient_checkpointing=values["gradient_checkpointing"],
+                     activation_offloading=values["activation_offloading"], kernels=kernels)
+    return estimate(shape, settings_from_recipe(settled, launch)).total / GIB
+
+
+def settle(recipe: Recipe, **values) -> Recipe:
+    """The recipe with these train keys set to concrete values (validated again, so a choice cannot produce a
+    recipe that the schema would refuse)."""
+    raw = recipe.model_dump(mode="json")
+    raw["train"].update(values)
+    return Recipe.model_validate(raw)
+
+
+def settle_model(recipe: Recipe, **values) -> Recipe:
+    """The recipe with these model keys set to concrete values, validated again."""
+    raw = recipe.model_dump(mode="json")
+    raw["model"].update(values)
+    return Recipe.model_validate(raw)
+
+
+def apply_plan(recipe: Recipe, chosen: Plan) -> Recipe:
+    recipe = settle_model(recipe, attn_implementation=chosen.attn_implementation)
+    return settle(recipe, micro_batch_size=chosen.micro_batch_size, gradient_checkpointing=chosen.gradient_checkpointing,
+                  activation_offloading=chosen.activation_offloading, kernels=chosen.kernels)
+
+
+# ---------------------------------------------------------------- kernels and packing
+
+
+def liger_supports(model_type: str) -> bool:
+    """Whether liger-kernel has layer kernels for this model type (its own registry, not a list of ours)."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:  # liger-kernel needs triton, which some platforms lack: then no model type is supported
+        return False
+    return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def choose_kernels(recipe: Recipe, model_type: str, on_gpu: bool) -> tuple[str, list[str]]:
+    """`auto`: liger on a CUDA GPU where liger supports the model type; an explicit `liger` it cannot honour is
+    an error naming the key."""
+    wanted = recipe.train.kernels
+    if wanted == "none":
+        return "none", []
+    supported = liger_supports(model_type)
+    if wanted == "liger":
+        if not supported:
+            raise UserError(f"train.kernels: liger: liger-kernel is not installed or has no kernels for model type "
+                            f"'{model_type}'; set train.kernels: none (or auto)")
+        if not on_gpu:
+            raise UserError("train.kernels: liger needs a CUDA GPU (liger's kernels are Triton GPU code); "
+                            "set train.kernels: auto to train on the CPU")
+        return "liger", []
+    if on_gpu and not supported:
+        return "none", [f"kernels: liger-kernel has no kernels for model type '{model_type}'; transformers' own are used"]
+    return ("liger" if on_gpu else "none"), []
+
+
+def settle_packing(recipe: Recipe, mean_tokens: float, on_gpu: bool, attn_implementation: str) -> tuple[Recipe, list[str]]:
+    """`auto` packing: on a GPU, pack when rows average at most PACK_BELOW of seq_len; padding-free follows
+    packing. Eager attention stays unpacked: over a padding-free row it scores every token against every other
+    of the micro-batch, micro-batch^2 times the memory of separate rows. `attn_implementation` is the resolved
+    one (plan() settles `auto`): an `auto` that becomes eager, as for Gemma-2, must not pack."""
+    if attn_implementation == AUTO:
+        raise RuntimeError("model.attn_implementation is still auto: auto_settings.plan() settles it first")
+    t = recipe.train
+    if t.packing != AUTO and t.padding_free != AUTO:
+        return recipe, []
+    eligible = on_gpu and attn_implementation != "eager"
+    packing = t.packing if t.packing != AUTO else eligible and mean_tokens <= PACK_BELOW * t.seq_len
+    padding_free = t.padding_free if t.padding_free != AUTO else bool(packing)
+    notes = []
+    if t.packing == AUTO:
+        why = ("rows average {:.0f} tokens, at most {:.0%} of seq_len {}".format(mean_tokens, PACK_BELOW, t.seq_len)
+               if packing else "off on the CPU" if not on_gpu else "eager attention" if not eligible
+               else f"rows average {mean_tokens:.0f} tokens, over {PACK_BELOW:.0%} of seq_len {t.seq_len}")
+        notes.append(f"packing {_on(packing)} (auto: {why}), padding-free {_on(padding_free)}")
+    return settle(recipe, packing=packing, padding_free=padding_free), notes
+
+
+def estimate_json(est, chosen: Plan) -> dict:
+    """The estimate's contract JSON with the settled values at the top, as `estimate --json`, estimate.json and
+    the plan all report them."""
+    return {**est.to_json(chosen.budget.gib), "micro_batch_size": chosen.micro_batch_size,
+            "gradient_checkpointing": chosen.gradient_checkpointing,
+            "activation_offloading": chosen.activation_offloading, "kernels": chosen.kernels, "auto": chosen.to_json()}

@@ -1,0 +1,330 @@
+"""One run from plan to summary.json.
+
+The steps read from the top of `train()`: plan, run directory, model, data, trainer, train, save, summarise.
+The libraries do the work; this module only wires them together (the trainer itself: trainer_setup.py) and
+records what happened (run_summary.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_trainer import distributed
+from qlora_trainer.config.recipe import Recipe
+from qlora_trainer.config.recipe_files import dump_recipe, load_yaml
+from qlora_trainer.dataset.data import check_data_path, load_data
+from qlora_trainer.dataset.sequence_fit import describe_data, fit_to_tokenizer
+from qlora_trainer.distributed import Launch
+from qlora_trainer.errors import Interrupted, TrainingFailed, UserError, WontFitError, first_line
+from qlora_trainer.estimate import auto_settings, gpu_budget
+from qlora_trainer.estimate.memory import GIB, estimate
+from qlora_trainer.estimate.memory_report import (
+    check_fits,
+    fixes_that_fit,
+    format_estimate,
+    settings_from_recipe,
+    shape_for_model,
+)
+from qlora_trainer.files.made_dirs import missing_dirs, undo
+from qlora_trainer.files.run_dir import (
+    CHECKPOINTS,
+    SUMMARY,
+    apply_umask,
+    latest_checkpoint,
+    prepare_run_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
+from qlora_trainer.loading import base_fingerprint, model_checks
+from qlora_trainer.loading import model as model_lib
+from qlora_trainer.training import gpu_memory, speed_levers
+from qlora_trainer.training.exact_match import held_out_exact_match
+from qlora_trainer.training.failed_run import KeptOnlyOnceStepped
+from qlora_trainer.training.metrics import plot_loss, read_metrics
+from qlora_trainer.training.plan_report import describe_plan
+from qlora_trainer.training.resume import WriteWhenLoaded, resumed_metrics, usable_checkpoint
+from qlora_trainer.training.run_summary import Outcome, describe_summary, memory_sampler, summarise
+from qlora_trainer.training.safeguards import StopOnNonFinite, StopOnSignal
+from qlora_trainer.training.trainer_setup import build_trainer
+
+
+@dataclass
+class RunOptions:
+    recipe_name: str
+    output_dir: Path
+    resume: bool = False
+    dry_run: bool = False
+    force: bool = False
+    gpu_memory: float | None = None  # --gpu-memory: caps the GPU memory and plans for it, as train.gpu_memory_gib
+
+
+def pick_device(recipe: Recipe) -> str:
+    return "cpu" if recipe.train.device == "cpu" else model_lib.default_device()
+
+
+def check_device(recipe: Recipe, device: str, force: bool) -> None:
+    if recipe.train.device == "cuda" and device != "cuda" and not force:
+        raise WontFitError("train.device is cuda but no CUDA GPU is visible: a 4-bit model this size would take days "
+                           "on the CPU; run on a GPU machine (or add --force to train on the CPU anyway)")
+
+
+def train(recipe: Recipe, options: RunOptions) -> dict | None:
+    """Run one training job; return the summary (None for a dry run, and in every process but the main one)."""
+    launch = distributed.current_launch()
+    device = pick_device(recipe)
+    distributed.start(launch, device)
+    # Each process computed its own default run directory name from the clock: use the main process's.
+    options = dataclasses.replace(options, output_dir=distributed.on_main(lambda: options.output_dir, launch))
+    with distributed.main_prints_only(launch):
+        summary = _train(recipe, options, launch, device)
+    distributed.finish(launch)
+    return summary
+
+
+def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> dict | None:
+    with distributed.together(launch):
+        prepared = _prepare(recipe, options, launch, device)
+    if prepared is None:
+        return None
+    recipe, shape, predicted, chosen, data, tokenizer = prepared
+    estimate_json = auto_settings.estimate_json(predicted, chosen)
+    made = missing_dirs(options.output_dir)
+    run, checkpoint, deferred = distributed.on_main(
+        lambda: _open_run_dir(recipe, options, estimate_json, chosen, made), launch)
+    with KeptOnlyOnceStepped(run, made, options.resume, launch.is_main) as attempt:
+        return _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt)
+
+
+def _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt) -> dict | None:
+    """The run from loading the model to summary.json, in the run directory `_open_run_dir` made."""
+    recipe, shape, predicted, chosen, data, tokenizer = prepared
+    context_bytes = gpu_memory.context_bytes() if device == "cuda" else None
+
+    torch.manual_seed(recipe.train.seed)
+    guards = (StopOnSignal(), StopOnNonFinite())
+    attempt.trainer = trainer = _build(recipe, launch, tokenizer, data, run, device,
+                                       (*guards, WriteWhenLoaded(run, deferred)))
+    outcome = Outcome(report=model_lib.parameter_report(trainer.model), plan=chosen)
+    print(model_lib.format_parameter_report(outcome.report), flush=True)
+
+    outcome.before = held_out_exact_match(recipe, trainer, tokenizer, data, launch, "before training")
+    started = time.perf_counter()
+    outcome.result = _run_guarded(trainer, guards, checkpoint, run, predicted, shape)
+    outcome.runtime = time.perf_counter() - started
+    outcome.after = held_out_exact_match(recipe, trainer, tokenizer, data, launch, "after training")
+    if data.eval is not None and not _evaluated_at(trainer, trainer.state.global_step):
+        trainer.evaluate()  # every process takes part; MetricsLogger appends the result to metrics.jsonl
+    try:
+        trainer.save_adapter(run / "adapter")  # under FSDP every process takes part in gathering it
+    except OSError as err:
+        raise _saving_failed(run, err) from None
+    outcome.memory = distributed.gather(
+        gpu_memory.peak_memory_report(predicted.total, memory_sampler(trainer), context_bytes), launch)
+    # DDP keeps the copies identical; a difference would mean the processes trained apart. FSDP holds shards.
+    if launch.strategy != "fsdp":
+        outcome.checksums = distributed.gather(model_lib.adapter_checksum(trainer.peft_model), launch)
+    if outcome.checksums and len(set(outcome.checksums)) > 1:
+        print(f"WARNING: the processes ended with different adapters ({outcome.checksums}); the main process's is saved")
+
+    summary = distributed.on_main(
+        lambda: _save_results(recipe, options, trainer, tokenizer, outcome, data, launch, run), launch)
+    print(describe_summary(summary, run))
+    return summary if launch.is_main else None
+
+
+def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
+    """Everything that can fail on bad input, before the run directory exists: plan, estimate, data, tokenizer.
+    Returns the recipe with its `auto` settings settled, which is what the run trains with and saves."""
+    model_lib.resolve_model_path(recipe.model)  # a missing local model is named before anything else
+    shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    model_checks.check_lora_targets(recipe.lora.target_modules, shape)
+    model_checks.check_seq_len(recipe.train.seq_len, shape)
+    recipe, chosen = _settle_auto(recipe, options, launch, device, shape)
+    check_launch(recipe, launch)
+    print(describe_plan(recipe, options.recipe_name, options.output_dir, device, launch, chosen), flush=True)
+    predicted = estimate(shape, settings_from_recipe(recipe, launch))
+    print(format_estimate(predicted, chosen.budget.gib), flush=True)
+    check_data_path(recipe.data)
+    if options.dry_run:
+        print("Dry run: recipe and data paths are valid; stopping before loading weights.")
+        return None
+    check_device(recipe, device, options.force)
+    speed_levers.check_levers(recipe.train, device)
+    if device == "cuda":
+        check_fits(predicted, shape, chosen.budget.gib, chosen.budget.source, options.force)
+        if recipe.train.gpu_memory_gib is not None:
+            gpu_budget.apply_cap(recipe.train.gpu_memory_gib)
+
+    data = load_data(recipe.data, recipe.train.seed)  # before the run directory: bad data leaves nothing behind
+    if recipe.eval.exact_match and not isinstance(data.eval[0].get("prompt"), str):
+        raise UserError(f"eval.exact_match needs text prompt/completion rows (or alpaca); {data.source} is {data.format}")
+    tokenizer = model_lib.load_tokenizer(recipe.model)
+    model_checks.check_vocabulary(tokenizer, shape)
+    data = fit_to_tokenizer(data, recipe.data, tokenizer, recipe.train.seq_len, recipe.model.name_or_path)
+    recipe, notes = auto_settings.settle_packing(recipe, data.stats["train_mean_tokens"], device == "cuda",
+                                                 chosen.attn_implementation)
+    data.notes += notes
+    print(describe_data(data), flush=True)
+    predicted = estimate(shape, settings_from_recipe(recipe, launch))
+    return recipe, shape, predicted, chosen, data, tokenizer
+
+
+def _settle_auto(recipe: Recipe, options: RunOptions, launch: Launch, device: str, shape):
+    """Plan the `auto` settings for this GPU: under the cap (--gpu-memory, else train.gpu_memory_gib) or the free
+    memory. A dry run on a machine without a GPU plans for the GPU the recipe is written for."""
+    if options.gpu_memory is not None:
+        recipe = auto_settings.settle(recipe, gpu_memory_gib=options.gpu_memory)
+    cap = recipe.train.gpu_memory_gib
+    source = f"--gpu-memory {cap:g}" if options.gpu_memory is not None else f"train.gpu_memory_gib {cap:g}" if cap else ""
+    on_gpu = device == "cuda" or (options.dry_run and (cap is not None or recipe.train.device == "cuda"))
+    budget = gpu_budget.run_budget(cap, source, device) if on_gpu else auto_settings.Budget(
+        None, "training on the CPU: micro-batch 1, checkpointing on, no offloading")
+    chosen = auto_settings.plan(recipe, shape, budget, on_gpu, launch)
+    return auto_settings.apply_plan(recipe, chosen), chosen
+
+
+def _build(recipe, launch, tokenizer, data, run, device, callbacks):
+    """Load the 4-bit base and build the trainer, in every process together."""
+    with distributed.together(launch):
+        try:
+            base = model_lib.load_base_model(recipe.model, recipe.quantization, device, launch)
+            return build_trainer(recipe, base, tokenizer, data, run, device, launch, callbacks=callbacks)
+        except ImportError as err:
+            raise UserError(f"{first_line(err)}; install the missing package or change model.attn_implementation") from None
+
+
+def _save_results(recipe, options, trainer, tokenizer, outcome: Outcome, data, launch, run) -> dict:
+    """Main process: the tokenizer beside the adapter, the loss plot and summary.json (last: its presence marks
+    the run complete)."""
+    try:
+        tokenizer.save_pretrained(run / "adapter")
+        base_fingerprint.save_with_adapter(recipe.model, run, run / "adapter")
+        apply_umask(run / "adapter")
+        rows = read_metrics(run / "metrics.jsonl")
+        plot_loss(rows, run / "loss.png", f"{options.recipe_name}: {recipe.model.name_or_path}")
+        summary = summarise(recipe, options, trainer, outcome, rows, data, launch)
+        write_json_atomic(run / SUMMARY, summary)
+    except OSError as err:
+        raise _saving_failed(run, err) from None
+    return summary
+
+
+def _saving_failed(run: Path, err: OSError) -> TrainingFailed:
+    return TrainingFailed(f"training finished but saving its results in {run} failed ({err.strerror or err}); the "
+                          f"checkpoints in {run / CHECKPOINTS} are intact; free space, then: {_resume_command(run)}")
+
+
+def check_launch(recipe: Recipe, launch: Launch) -> None:
+    """What a multi-process launch needs from the recipe."""
+    t = recipe.train
+    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * launch.world_size):
+        raise UserError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
+                        f"x processes ({t.micro_batch_size} x {launch.world_size}); set it to a multiple of "
+                        f"{t.micro_batch_size * launch.world_size}")
+    if launch.strategy == "fsdp" and t.optimizer != "adamw_torch":
+        raise UserError(f"train.optimizer {t.optimizer}: under FSDP a resumed run cannot restore a bitsandbytes "
+                        "optimizer's state (FSDP cannot reshard its nested state); use --set train.optimizer=adamw_torch "
+                        "(sharded across the GPUs, so its fp32 state costs little)")
+    if launch.strategy == "fsdp" and os.environ.get("FSDP_VERSION", "1") != "1":
+        raise UserError("FSDP2 (fsdp_version: 2) is not supported with 4-bit weights yet: use fsdp_version: 1, as in "
+                        "recipes/accelerate/fsdp-qlora.yaml")
+
+
+def _resume_command(run: Path) -> str:
+    args = f"-m qlora_trainer --recipe {run / 'recipe.yaml'} --output-dir {run} --resume"
+    if distributed.current_launch().distributed:  # the launcher's own options are not ours to know
+        return f"the same accelerate launch (or torchrun) options, then {args}"
+    return f"python {args}"
+
+
+# A resumed run may change how long it trains, not what it trains: these sections must match the saved recipe.
+FIXED_ON_RESUME = ("model", "quantization", "lora", "data")
+
+
+def _check_same_run(recipe: Recipe, saved_path: Path) -> None:
+    if not saved_path.is_file():
+        return
+    saved = load_yaml(saved_path.read_text(encoding="utf-8")) or {}
+    current = recipe.model_dump(mode="json")
+    for section in FIXED_ON_RESUME:
+        for key, value in current[section].items():
+            if key in saved.get(section, {}) and saved[section][key] != value:
+                raise UserError(f"--resume: {section}.{key} is {value!r} but the run used {saved[section][key]!r}; "
+                                f"resume with the run's own recipe: --recipe {saved_path}")
+
+
+def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted, shape):
+    """trainer.train(), with every way it can stop early turned into one line that says what was kept."""
+    stop_signal, stop_nonfinite = guards
+    resume = _resume_command(run)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.cuda.OutOfMemoryError:
+        peak = torch.cuda.max_memory_reserved() / GIB
+        fixes = fixes_that_fit(shape, predicted.settings, 0.9 * peak) or ["a smaller train.seq_len or micro_batch_size"]
+        raise TrainingFailed(f"CUDA out of memory at step {trainer.state.global_step}: peak {peak:.1f} GiB reserved, "
+                             f"estimate was {predicted.total / GIB:.1f} GiB; try {', or '.join(fixes)}; "
+                             f"checkpoints so far are in {run / CHECKPOINTS}") from None
+    except OSError as err:
+        raise TrainingFailed(f"cannot write in {run} ({err.strerror or err}); earlier checkpoints in {run / CHECKPOINTS} "
+                             f"are intact; free space or fix permissions, then: {resume}") from None
+    finally:
+        stop_signal.restore()
+    # Both stops are agreed at each step end, so every process raises the same error; the main one prints it.
+    if stop_nonfinite.bad_step is not None:
+        last = latest_checkpoint(run)
+        raise distributed.agreed(TrainingFailed(
+            f"loss became non-finite at step {stop_nonfinite.bad_step}; the update was dropped and training stopped; "
+            f"last good checkpoint: {last or 'none'}; try a lower train.learning_rate or train.max_grad_norm, then "
+            "start again or --resume"))
+    if stop_signal.received is not None:
+        raise distributed.agreed(Interrupted(
+            f"stopped by {signal.Signals(stop_signal.received).name} at step {trainer.state.global_step}; checkpoint "
+            f"saved in {run / CHECKPOINTS}; continue with: {resume}"))
+    return result
+
+
+def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chosen: auto_settings.Plan,
+                  made: list[Path]) -> tuple[Path, Path | None, dict[str, str]]:
+    """Create the run directory with the resolved recipe and the estimate; or, resuming, find the checkpoint and
+    return the files to rewrite once it has loaded (resume.py)."""
+    try:
+        run = prepare_run_dir(options.output_dir, options.resume)
+    except BaseException:
+        if options.output_dir in made:  # refused after making it (unwritable): take away what it made
+            undo(options.output_dir, made)
+        raise
+    header = f"# python -m qlora_trainer --recipe {run / 'recipe.yaml'}\n"
+    if chosen.chosen:  # the saved values are concrete, so that a resume trains exactly as the run started
+        header += f"# auto settings ({', '.join(chosen.chosen)}) were settled to: {chosen.describe()}\n"
+    files = {"recipe.yaml": header + dump_recipe(recipe), "estimate.json": json.dumps(estimate_json, indent=2) + "\n"}
+    if not options.resume:
+        try:
+            base_fingerprint.record(recipe.model, run)  # where the weights are on this machine already; else at the end
+            for name, text in files.items():
+                write_text_atomic(run / name, text)
+        except BaseException:
+            undo(run, made)  # a run that never began leaves nothing
+            raise
+        return run, None, {}
+    _check_same_run(recipe, run / "recipe.yaml")
+    base_fingerprint.check(run, recipe.model, "--resume: the run")
+    checkpoint = usable_checkpoint(run)
+    if checkpoint is None:
+        print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")
+    # The steps after the checkpoint will be logged again: drop their first rows.
+    files["metrics.jsonl"] = resumed_metrics(run, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
+    return run, checkpoint, files
+
+
+def _evaluated_at(trainer, step: int) -> bool:
+    """Whether an eval was logged at `step` (the same answer in every process: each keeps the log history)."""
+    return any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)

@@ -1,0 +1,81 @@
+"""The package's layout: stage subpackages whose imports form no cycle, so that each stage can be read (and tested)
+with only the stages below it in mind."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "qlora_trainer"
+
+
+def _imports(path: Path) -> set[str]:
+    """The qlora_trainer modules `path` imports, at any depth (a function-level import is still a dependency), but
+    not under `if TYPE_CHECKING:`, which names types for the reader and runs nothing."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qlora_trainer"):
+            found |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("qlora_trainer")}
+    return found
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in _imports(path) if m in modules and m != name and not name.startswith(m + ".")}
+            for name, path in modules.items()}
+
+
+def _stage(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else "(top level)"
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, path + [nxt])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_modules_import_no_cycle():
+    assert _cycle(_graph()) is None, " -> ".join(_cycle(_graph()))
+
+
+def test_stages_import_no_cycle():
+    """The top level holds the command line and the error types; every stage subpackage may import those and the
+    stages below it, never one that imports it back."""
+    stages: dict[str, set[str]] = {}
+    for module, deps in _graph().items():
+        if _stage(module) != "(top level)":
+            stages.setdefault(_stage(module), set()).update(
+                _stage(d) for d in deps if _stage(d) not in ("(top level)", _stage(module)))
+    assert _cycle(stages) is None, " -> ".join(_cycle(stages))
+    assert len(stages) >= 5, sorted(stages)  # the package is grouped, not flat
+
+
+def test_the_finder_sees_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
