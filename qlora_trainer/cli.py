@@ -7,7 +7,7 @@ import errno
 import sys
 from pathlib import Path
 
-from qlora_trainer.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, InternalError, TrainingFailed, UserError
+from qlora_trainer.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, InternalError, TrainingFailed, UserError, one_line
 
 COMMANDS = ("train", "estimate", "export", "generate", "recipes")
 DEBUG_HELP = "on an error, also print the full traceback (it always goes to a log file)"
@@ -167,7 +167,7 @@ def _report(err: Exception) -> None:
         if getattr(err, "agreed", False):
             return
         err = f"process {launch.rank}: {err}"
-    print(f"qlora-trainer: error: {err}", file=sys.stderr)
+    print(f"qlora-trainer: error: {one_line(str(err))}", file=sys.stderr)
 
 
 def _train(args) -> int:

@@ -17,7 +17,7 @@ class UserError(Exception):
     exit_code = EXIT_BAD_INPUT
 
     def __init__(self, message: str):
-        super().__init__(message.translate(_ESCAPED))
+        super().__init__(one_line(message))
 
 
 class WontFitError(UserError):
@@ -61,3 +61,8 @@ def first_line(err: Exception) -> str:
     """The first line of an exception's message (or its type), for one-line error messages."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks and control characters escaped: what an error line may quote."""
+    return text.translate(_ESCAPED)

@@ -446,3 +446,11 @@ def test_a_user_error_is_one_line_whatever_it_quotes(quoted):
     message = str(UserError(f"data.path: {quoted} does not exist"))
     assert message.splitlines() == [message] and "\x1b" not in message
     assert message.startswith("data.path: ") and message.endswith(" does not exist")
+
+
+def test_a_path_with_a_line_break_is_quoted_on_the_one_line(tmp_path, tiny_model_dir):
+    recipe = recipe_for(tmp_path, tiny_model_dir)
+    recipe.write_text(recipe.read_text().replace(f"path: {DEMO_TRAIN}", 'path: "rows\\nx\\x1b.jsonl"'))
+    line = refused_cleanly(["--recipe", str(recipe), "--output-dir", str(tmp_path / "run")], 2, "rows\\nx\\x1b.jsonl",
+                           watch=[tmp_path])
+    assert "data.path" in line
