@@ -144,7 +144,7 @@ def test_a_wheel_carries_the_recipes_and_demo_data(tmp_path):
     assert "qlora_trainer/recipes/tiny-demo.yaml" in names and "qlora_trainer/recipes/data/complaints-train.jsonl" in names
     assert "qlora_trainer/recipes/accelerate/fsdp-qlora.yaml" in names, "multi-GPU recipes name their accelerate config"
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    listed = subprocess.run([sys.executable, "-c", "from qlora_trainer.config.recipe import shipped_recipes_dir, shipped_recipe_names;"
+    listed = subprocess.run([sys.executable, "-c", "from qlora_trainer.config.recipe_files import shipped_recipes_dir, shipped_recipe_names;"
                              "print(shipped_recipes_dir()); print(shipped_recipe_names())"],
                             capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")})
     assert listed.returncode == 0, listed.stderr

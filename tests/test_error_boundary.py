@@ -373,7 +373,7 @@ def test_an_empty_output_dir_made_beforehand_is_emptied_not_removed(tmp_path, ti
     (NotADirectoryError(20, "Not a directory", "/data/file/x"), "a part of the path is a file"),
 ])
 def test_an_os_error_on_a_named_path_is_bad_input(error, fragment, monkeypatch, tmp_path):
-    import qlora_trainer.config.recipe as recipe_module
+    import qlora_trainer.config.recipe_files as recipe_module
 
     def fail(*args, **kwargs):
         raise error
@@ -383,7 +383,7 @@ def test_an_os_error_on_a_named_path_is_bad_input(error, fragment, monkeypatch, 
 
 
 def test_a_closed_pipe_ends_quietly(monkeypatch):
-    import qlora_trainer.config.recipe as recipe_module
+    import qlora_trainer.config.recipe_files as recipe_module
 
     def closed(*args, **kwargs):
         raise BrokenPipeError(32, "Broken pipe")

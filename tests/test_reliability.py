@@ -191,6 +191,22 @@ def test_failures_mid_run_become_one_line_and_keep_checkpoints(recipe_file, tmp_
     assert not (run / "summary.json").exists()
 
 
+def test_an_os_error_that_is_not_the_disk_is_not_reported_as_one(recipe_file, tmp_path, monkeypatch):
+    """A connection reset mid-run is no full disk: it reaches the boundary as itself (an internal error with its
+    traceback saved), not as "cannot write in RUN; free space"."""
+    import qlora_trainer.training.train as train_module
+
+    original = train_module.build_trainer
+    error = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    monkeypatch.setattr(train_module, "build_trainer", lambda *a, callbacks=(), **k: original(
+        *a, callbacks=(*callbacks, RaiseAtStep(3, error)), **k))
+    recipe, _ = load_recipe(str(recipe_file), ["train.save_steps=2"])
+    run = tmp_path / "run"
+    with pytest.raises(ConnectionResetError):
+        train(recipe, RunOptions(recipe_name="fail", output_dir=run))
+    assert latest_checkpoint(run) == run / "checkpoints" / "checkpoint-2", "a run that stepped keeps its checkpoints"
+
+
 ROW_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8),
                        st.lists(st.dictionaries(st.sampled_from(["role", "content", "from", "value"]),
                                                 st.one_of(st.text(max_size=6), st.integers()), max_size=3), max_size=3))

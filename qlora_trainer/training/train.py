@@ -8,6 +8,7 @@ records what happened (run_summary.py).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -274,6 +275,8 @@ def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted,
                              f"estimate was {predicted.total / GIB:.1f} GiB; try {', or '.join(fixes)}; "
                              f"checkpoints so far are in {run / CHECKPOINTS}") from None
     except OSError as err:
+        if not _writing_failed(err, run):
+            raise  # a connection reset, a bug's bad path: the boundary reports it with its traceback saved
         raise TrainingFailed(f"cannot write in {run} ({err.strerror or err}); earlier checkpoints in {run / CHECKPOINTS} "
                              f"are intact; free space or fix permissions, then: {resume}") from None
     finally:
@@ -290,6 +293,15 @@ def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted,
             f"stopped by {signal.Signals(stop_signal.received).name} at step {trainer.state.global_step}; checkpoint "
             f"saved in {run / CHECKPOINTS}; continue with: {resume}"))
     return result
+
+
+# What a full or read-only disk, a quota or lost permissions raise while checkpoints and metrics are written.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _writing_failed(err: OSError, run: Path) -> bool:
+    inside = err.filename is not None and Path(str(err.filename)).resolve().is_relative_to(run.resolve())
+    return err.errno in WRITE_ERRNOS or inside
 
 
 def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chosen: auto_settings.Plan,
