@@ -220,6 +220,34 @@ def test_a_forced_export_replaces_the_old_one_and_leaves_no_hidden_copy(adapter_
     assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
 
 
+
+def test_an_export_killed_outright_is_cleared_by_the_next_one(adapter_dir, tmp_path, capsys):
+    """SIGKILL runs no cleanup: the next export of the same output removes the staging directory a dead writer
+    left, keeps one a live writer is still filling, and names a moved-aside previous export without deleting it."""
+    import os
+    import subprocess
+    import sys
+
+    from qlora_trainer.files.staging import make_staging_dir
+
+    out = tmp_path / "exports" / "out"
+    out.parent.mkdir(parents=True)
+    gone = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE)
+    dead_pid = int(gone.communicate()[0])
+    live = make_staging_dir(out)  # ours: this process is alive
+    dead = live.with_name(live.name.replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
+    live.rename(dead)
+    (dead / "model.safetensors").write_text("half written")
+    live = make_staging_dir(out)
+    aside = out.with_name(".out.old-1a2b3c4d")
+    aside.mkdir()
+    assert main(["export", str(adapter_dir), "--output", str(out), "--no-verify"]) == 0
+    printed = capsys.readouterr().out
+    assert not dead.exists() and f"removed {dead}" in printed
+    assert live.is_dir() and aside.is_dir() and f"{aside} is a previous" in printed
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([".out.old-1a2b3c4d", live.name, "out"])
+
+
 # ------------------------------------------------------------------------------------------------ prompts
 
 @pytest.mark.parametrize("prompt", ["", " ", "\n", "\t \n"], ids=["empty", "space", "newline", "blank"])

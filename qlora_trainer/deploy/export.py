@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.files.damaged_files import check_safetensors
 from qlora_trainer.files.made_dirs import missing_dirs, remove_made
 from qlora_trainer.files.run_dir import apply_umask
+from qlora_trainer.files.staging import clear_abandoned, make_staging_dir
 from qlora_trainer.loading import base_fingerprint
 from qlora_trainer.loading import model as model_lib
 from qlora_trainer.loading.model import DTYPES
@@ -73,6 +73,8 @@ def export(options: ExportOptions) -> dict:
           f"({'NF4-dequantized' if options.base_weights == 'dequantized' else 'original 16-bit'} base weights) -> {options.dtype}")
 
     made = missing_dirs(options.output.parent)
+    for note in clear_abandoned(options.output):
+        print(note)
     staging = _staging_dir(options.output, made)
     try:
         if not merge_streaming(source, options, config, staging):
@@ -93,7 +95,7 @@ def _staging_dir(output: Path, made: list[Path]) -> Path:
     missing parents as `mkdir -p` would; `made` lists them, for removing them again if the export fails."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+        return make_staging_dir(output)
     except OSError as err:
         remove_made(made)
         reason = "a part of it is a file" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
