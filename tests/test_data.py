@@ -237,7 +237,7 @@ def test_skip_counts_bad_rows_and_stops_past_the_limit(tiny_model_dir, tmp_path)
     data = load_data(make_recipe(tiny_model_dir, path, on_bad_rows="skip").data, 0)
     assert len(data.train) == 18 and data.stats["train_skipped_rows"] == 2
     assert data.stats["train_skip_reasons"] == {"invalid JSON": 1, "field 'completion' must be a string, got nothing": 1}
-    assert f"skipped 2 of 20 bad rows (10.0%)" in describe_data(data) and f"first: {path}:19" in describe_data(data)
+    assert "skipped 2 of 20 bad rows (10.0%)" in describe_data(data) and f"first: {path}:19" in describe_data(data)
     with pytest.raises(UserError, match=r"2 of 20 rows \(10%\) are bad .* more than data.max_bad_fraction 0.05"):
         load_data(make_recipe(tiny_model_dir, path, on_bad_rows="skip", max_bad_fraction=0.05).data, 0)
 

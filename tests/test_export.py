@@ -12,11 +12,9 @@ import torch
 from helpers import REPO, run_cli
 from peft import LoraConfig, get_peft_model
 
-from qlora_trainer.config.recipe import ModelSection, QuantizationSection
 from qlora_trainer.deploy import export as export_lib
 from qlora_trainer.deploy.adapter_source import find_adapter
 from qlora_trainer.deploy.adapters import AdapterSet
-from qlora_trainer.deploy.export_verify import compare_logits
 from qlora_trainer.errors import UserError
 from qlora_trainer.loading.model import load_base_model
 
