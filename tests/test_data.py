@@ -310,3 +310,22 @@ def test_eval_loss_and_perplexity_are_logged(tiny_model_dir, tmp_path):
 def test_padding_free_without_packing_needs_drop(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="train.padding_free without train.packing needs data.overlong: drop"):
         make_recipe(tiny_model_dir, tmp_path / "r.jsonl", padding_free=True)
+
+
+def test_a_malformed_csv_is_one_line_and_datasets_is_left_as_it_was(tmp_path):
+    """datasets logs its own parse error and draws a progress bar: neither may add to our one line, and the
+    logging and progress-bar settings of a program that imports us come back as they were."""
+    from datasets.utils import logging as datasets_logging
+
+    bad = tmp_path / "rows.csv"
+    bad.write_text("prompt,completion\na,b\nx,y,z,w\n")
+    proc = run_cli("--recipe", "tiny-demo", "--set", f"data.path={bad}", "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("qlora-trainer: error:")]
+    assert errors == [f"qlora-trainer: error: {bad}: cannot parse as csv (Error tokenizing data. C error: Expected 2 "
+                      "fields in line 3, saw 4)"], proc.stderr
+    assert "Failed to read file" not in proc.stderr and "Generating train split" not in proc.stderr, proc.stderr
+    before = datasets_logging.get_verbosity(), datasets_logging.is_progress_bar_enabled()
+    with pytest.raises(UserError, match="cannot parse as csv"):
+        load_data(validate({"model": {"name_or_path": "m"}, "data": {"path": str(bad)}}, "test").data, 0)
+    assert (datasets_logging.get_verbosity(), datasets_logging.is_progress_bar_enabled()) == before

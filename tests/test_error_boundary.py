@@ -6,6 +6,7 @@ traceback, and that nothing under the watched paths was created, changed or remo
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 import re
 import shutil
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qlora_trainer.cli import main
+from qlora_trainer.errors import TrainingFailed
 
 DEMO_TRAIN = REPO / "recipes" / "data" / "complaints-train.jsonl"
 
@@ -100,13 +102,24 @@ def test_a_damaged_adapter_config_is_named(adapter_dir, tmp_path, command, conte
     refused_cleanly(argv, 2, "adapter_config.json is damaged", watch=[tmp_path])
 
 
+@pytest.mark.parametrize("fingerprinted", [False, True], ids=["plain-adapter", "fingerprinted"])
 @pytest.mark.parametrize("cut", [0, 8, 0.5], ids=str)
-def test_a_truncated_base_is_named_by_export_after_making_nothing(adapter_dir, tiny_model_dir, tmp_path, cut):
-    """The base's weights are read after the staging directory and the output's parents exist: all go again."""
+def test_a_truncated_base_is_named_by_export_after_making_nothing(adapter_dir, tiny_model_dir, tmp_path, cut,
+                                                                 fingerprinted):
+    """A damaged --base is named with the fix, --base included, whether the fingerprint check reads it first (an
+    adapter that records one) or the merge does, after the staging directory and the output's parents exist:
+    those go again."""
+    from qlora_trainer.config.recipe import ModelSection
+    from qlora_trainer.loading import base_fingerprint
+
+    if fingerprinted:
+        adapter_dir = Path(shutil.copytree(adapter_dir, tmp_path / "adapter"))
+        value = base_fingerprint.fingerprint(ModelSection(name_or_path=str(tiny_model_dir)))
+        (adapter_dir / base_fingerprint.FILE).write_text(json.dumps({"base": str(tiny_model_dir), "sha256": value}))
     base = truncated_copy(tiny_model_dir, tmp_path / "base", "model.safetensors", cut)
     argv = ["export", str(adapter_dir), "--base", str(base), "--output", str(tmp_path / "a" / "b" / "out")]
     line = refused_cleanly(argv, 2, "model.safetensors is damaged", watch=[tmp_path, adapter_dir])
-    assert str(base) in line
+    assert str(base) in line and "pass another copy with --base" in line
 
 
 @pytest.mark.parametrize("cut", [0, 8, 0.5], ids=str)
@@ -222,30 +235,30 @@ def test_a_forced_export_replaces_the_old_one_and_leaves_no_hidden_copy(adapter_
 
 
 def test_an_export_killed_outright_is_cleared_by_the_next_one(adapter_dir, tmp_path, capsys):
-    """SIGKILL runs no cleanup: the next export of the same output removes the staging directory a dead writer
-    left, keeps one a live writer is still filling, and names a moved-aside previous export without deleting it."""
+    """SIGKILL runs no cleanup: the next export of the same output removes the staging directory no writer holds,
+    keeps one whose writer still holds its lock (or that is too young to be locked yet), and names a moved-aside
+    previous export without deleting it."""
     import os
-    import subprocess
-    import sys
+    import time
 
-    from qlora_trainer.files.staging import make_staging_dir
+    from qlora_trainer.files.staging import MIN_AGE_S, held, make_staging_dir
 
-    out = tmp_path / "exports" / "out"
+    out = tmp_path / "exports" / "[v2] out"  # glob characters in the name must not hide its leftovers
     out.parent.mkdir(parents=True)
-    gone = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE)
-    dead_pid = int(gone.communicate()[0])
-    live = make_staging_dir(out)  # ours: this process is alive
-    dead = live.with_name(live.name.replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
-    live.rename(dead)
+    long_ago = time.time() - 10 * MIN_AGE_S
+    dead, live, young = make_staging_dir(out), make_staging_dir(out), make_staging_dir(out)
     (dead / "model.safetensors").write_text("half written")
-    live = make_staging_dir(out)
-    aside = out.with_name(".out.old-1a2b3c4d")
+    for path in (dead, live):
+        os.utime(path, (long_ago, long_ago))
+    aside = out.with_name(f".{out.name}.old-1a2b3c4d")
     aside.mkdir()
-    assert main(["export", str(adapter_dir), "--output", str(out), "--no-verify"]) == 0
+    with held(live):  # another writer at work
+        assert main(["export", str(adapter_dir), "--output", str(out), "--no-verify"]) == 0
     printed = capsys.readouterr().out
     assert not dead.exists() and f"removed {dead}" in printed
-    assert live.is_dir() and aside.is_dir() and f"{aside} is a previous" in printed
-    assert sorted(p.name for p in out.parent.iterdir()) == sorted([".out.old-1a2b3c4d", live.name, "out"])
+    assert live.is_dir() and young.is_dir() and str(live) not in printed
+    assert aside.is_dir() and f"{aside} is a previous" in printed
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([aside.name, live.name, young.name, out.name])
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -482,3 +495,17 @@ def test_a_path_with_a_line_break_is_quoted_on_the_one_line(tmp_path, tiny_model
     line = refused_cleanly(["--recipe", str(recipe), "--output-dir", str(tmp_path / "run")], 2, "rows\\nx\\x1b.jsonl",
                            watch=[tmp_path])
     assert "data.path" in line
+
+
+@pytest.mark.parametrize("error", [TrainingFailed, RuntimeError], ids=["ours", "internal"])
+def test_the_reported_line_escapes_what_it_quotes_whatever_the_error(tmp_path, tiny_model_dir, monkeypatch, error):
+    """Not only UserError: a failed run's or an internal error's line may quote a path or a library's message."""
+    import qlora_trainer.loading.model as model_lib
+
+    def fails(*args, **kwargs):
+        raise error("cannot read /data/x\x1b[2J.bin")
+
+    monkeypatch.setattr(model_lib, "load_base_model", fails)
+    recipe = recipe_for(tmp_path, tiny_model_dir)
+    refused_cleanly(["--recipe", str(recipe), "--output-dir", str(tmp_path / "runs" / "run")], 1,
+                    "cannot read /data/x\\x1b[2J.bin", watch=[tmp_path / "runs"])

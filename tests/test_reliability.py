@@ -191,20 +191,37 @@ def test_failures_mid_run_become_one_line_and_keep_checkpoints(recipe_file, tmp_
     assert not (run / "summary.json").exists()
 
 
-def test_an_os_error_that_is_not_the_disk_is_not_reported_as_one(recipe_file, tmp_path, monkeypatch):
-    """A connection reset mid-run is no full disk: it reaches the boundary as itself (an internal error with its
-    traceback saved), not as "cannot write in RUN; free space"."""
+def fail_at_step_3(monkeypatch, error: Exception) -> None:
     import qlora_trainer.training.train as train_module
 
     original = train_module.build_trainer
-    error = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
     monkeypatch.setattr(train_module, "build_trainer", lambda *a, callbacks=(), **k: original(
         *a, callbacks=(*callbacks, RaiseAtStep(3, error)), **k))
+
+
+def test_an_os_error_that_is_not_the_disk_is_not_reported_as_one(recipe_file, tmp_path, monkeypatch):
+    """A connection reset mid-run is no full disk: it leaves train() as itself (for the command line's boundary,
+    which saves its traceback as an internal error), not as "cannot write in RUN; free space"."""
+    fail_at_step_3(monkeypatch, ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
     recipe, _ = load_recipe(str(recipe_file), ["train.save_steps=2"])
     run = tmp_path / "run"
     with pytest.raises(ConnectionResetError):
         train(recipe, RunOptions(recipe_name="fail", output_dir=run))
     assert latest_checkpoint(run) == run / "checkpoints" / "checkpoint-2", "a run that stepped keeps its checkpoints"
+
+
+@pytest.mark.parametrize("where", ["run", "elsewhere"])
+def test_a_refused_write_names_the_disk_it_was_refused_on(recipe_file, tmp_path, monkeypatch, where):
+    """Any error on a path in the run is the run's disk; a full disk elsewhere (a cache, /tmp) is named itself."""
+    run = tmp_path / "run"
+    path = run / "checkpoints" / "gone" if where == "run" else tmp_path / "cache" / "blob"
+    code = errno.ENOENT if where == "run" else errno.ENOSPC
+    fail_at_step_3(monkeypatch, OSError(code, os.strerror(code), str(path)))
+    recipe, _ = load_recipe(str(recipe_file), ["train.save_steps=2"])
+    with pytest.raises(TrainingFailed) as info:
+        train(recipe, RunOptions(recipe_name="fail", output_dir=run))
+    expected = f"cannot write in {run} (" if where == "run" else f"cannot write {path} (No space left on device)"
+    assert str(info.value).startswith(expected) and "earlier checkpoints" in str(info.value), str(info.value)
 
 
 ROW_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8),

@@ -214,6 +214,9 @@ train:
         (run / name).unlink()
     code, out, err = run_main(resume_argv(run))
     assert code == 0, err[-3000:]
+    assert "starting from step 0" not in out and "resuming from the previous" not in out, out
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == [1, 2, 3, 4, 5, 6], "steps 1-3 were not trained again; 4-6 are logged once, by the resumed run"
     for step in (4, 5, 6):
         assert losses(run)[step] == pytest.approx(losses(finished)[step], abs=1e-3)
     straight = load_file(str(finished / "adapter" / "adapter_model.safetensors"))

@@ -190,7 +190,8 @@ def _read_with_datasets(path: Path, kind: str) -> list[tuple[str, dict | None, s
     # Its parse errors are logged at ERROR as well as raised: say them once, below. A local file reads in moments,
     # so its "Generating train split" bar would only interleave with our own lines.
     datasets_logging.set_verbosity(datasets_logging.CRITICAL)
-    datasets_logging.disable_progress_bar()
+    if bars_on:
+        datasets_logging.disable_progress_bar()
     try:
         table = load_dataset(kind, data_files=[str(path)], split="train")
     except Exception as err:  # pyarrow and datasets raise many parse errors; all mean "this file is malformed"

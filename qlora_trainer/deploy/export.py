@@ -30,7 +30,7 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.files.damaged_files import check_safetensors
 from qlora_trainer.files.made_dirs import missing_dirs, remove_made
 from qlora_trainer.files.run_dir import apply_umask
-from qlora_trainer.files.staging import clear_abandoned, make_staging_dir
+from qlora_trainer.files.staging import clear_abandoned, held, make_staging_dir
 from qlora_trainer.loading import base_fingerprint
 from qlora_trainer.loading import model as model_lib
 from qlora_trainer.loading.model import DTYPES
@@ -68,7 +68,7 @@ def export(options: ExportOptions) -> dict:
         options.dtype = source.recipe.export.dtype if source.recipe else "float16"
     config = model_lib.load_config(source.base)
     check_adapter_matches(source.adapter_dir, config, source.base.name_or_path)
-    base_fingerprint.check(source.adapter_dir, source.base, "adapter")
+    base_fingerprint.check(source.adapter_dir, source.base, "adapter", base_fingerprint.DAMAGED_FIX_WITH_BASE)
     print(f"Merging {source.adapter_dir} into {source.base.name_or_path} "
           f"({'NF4-dequantized' if options.base_weights == 'dequantized' else 'original 16-bit'} base weights) -> {options.dtype}")
 
@@ -77,12 +77,13 @@ def export(options: ExportOptions) -> dict:
         print(note)
     staging = _staging_dir(options.output, made)
     try:
-        if not merge_streaming(source, options, config, staging):
-            write_export(merge(source, options), source, staging, options)
-        report = verify(staging, source, options) if options.verify else {"verified": False}
-        _write_model_card(staging, source, options, report)
-        apply_umask(staging)
-        _move_into_place(staging, options.output)
+        with held(staging):  # a later export removes the staging directory only once no writer holds it
+            if not merge_streaming(source, options, config, staging):
+                write_export(merge(source, options), source, staging, options)
+            report = verify(staging, source, options) if options.verify else {"verified": False}
+            _write_model_card(staging, source, options, report)
+            apply_umask(staging)
+            _move_into_place(staging, options.output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left looking like an export
         remove_made(made)  # nor the parent directories made for it

@@ -44,7 +44,7 @@ def load_for_inference(path: Path, base: str | None = None):
 
     source = find_adapter(path, base)
     check_adapter_matches(source.adapter_dir, model_lib.load_config(source.base), source.base.name_or_path)
-    base_fingerprint.check(source.adapter_dir, source.base, "adapter")
+    base_fingerprint.check(source.adapter_dir, source.base, "adapter", base_fingerprint.DAMAGED_FIX_WITH_BASE)
     base_model = model_lib.load_base_model(source.base, source.quantization, device)
     model = PeftModel.from_pretrained(base_model, source.adapter_dir)
     return model, load_adapter_tokenizer(source), source.data_format

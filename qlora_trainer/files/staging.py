@@ -1,52 +1,75 @@
 """Directories written beside their destination and renamed into place when whole (an export), and what a writer
 that was killed outright (SIGKILL, a power cut: no cleanup ran) leaves of them.
 
-A staging directory is named `.NAME.tmp-HOST-PID-XXXX`, so the next writer of NAME can tell one whose writer is
-gone (same host, no such process) from one still being written, and remove only the first. A `.NAME.old-XXXX`
-(a replaced export moved aside) is never removed for the user: it may be the only copy of their previous export.
+A writer holds an exclusive lock (flock) on its staging directory `.NAME.tmp-XXXX` while it writes; the kernel
+drops the lock when the process dies however it dies. The next writer of NAME removes every staging directory
+whose lock it can take, and leaves alone one whose writer still holds it. (A PID in the name would not do:
+containers sharing a disk and a host name do not see each other's processes.) A `.NAME.old-XXXX`, a replaced
+export moved aside, is never removed for the user: it may be the only copy of their previous export.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import socket
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: there no staging directory is ever taken for abandoned
+    fcntl = None
+
+# A directory this young may be one that its writer has made but not yet locked.
+MIN_AGE_S = 10.0
 
 
 def make_staging_dir(output: Path) -> Path:
-    return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-{_host()}-{os.getpid()}-"))
+    return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+
+
+@contextmanager
+def held(staging: Path) -> Iterator[None]:
+    """Hold the writer's lock on `staging` (it stays on the directory when it is renamed into place)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(staging, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def clear_abandoned(output: Path) -> list[str]:
-    """Remove the staging directories of writers of `output` that died on this host; return a note for each one
-    removed and for each moved-aside copy found."""
-    notes = []
+    """Remove the staging directories of writers of `output` that are gone; return a note for each one removed
+    and for each moved-aside copy found."""
     if not output.parent.is_dir():
-        return notes
-    staging = re.compile(rf"\.{re.escape(output.name)}\.tmp-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
-    for path in sorted(output.parent.glob(f".{output.name}.*")):
-        found = staging.fullmatch(path.name)
-        if found and found["host"] == _host() and not _alive(int(found["pid"])) and path.is_dir():
+        return []
+    notes = []
+    for path in sorted(p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")):
+        rest = path.name[len(output.name) + 2:]
+        if rest.startswith("tmp-") and path.is_dir() and not path.is_symlink() and _abandoned(path):
             shutil.rmtree(path, ignore_errors=True)
             notes.append(f"note: removed {path}, left by an export of {output} that was killed before it finished")
-        elif path.name.startswith(f".{output.name}.old-"):
-            notes.append(f"note: {path} is a previous {output} that a killed --force export moved aside; "
-                         "keep or delete it yourself")
+        elif rest.startswith("old-"):
+            notes.append(f"note: {path} is a previous {output}, moved aside by a --force export that was killed or "
+                         "could not delete it; keep or delete it yourself")
     return notes
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _abandoned(path: Path) -> bool:
+    if fcntl is None or time.time() - path.stat().st_mtime < MIN_AGE_S:
         return False
-    except PermissionError:  # another user's process
-        return True
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its writer is still at work
+    finally:
+        os.close(fd)
     return True

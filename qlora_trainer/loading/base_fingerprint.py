@@ -24,16 +24,20 @@ FILE = "base_fingerprint.json"
 ROWS, VALUES = 4, 16  # rows sampled per tensor, leading values hashed per row
 
 
-def fingerprint(section: ModelSection) -> str | None:
+DAMAGED_FIX = "copy or download the model again"
+DAMAGED_FIX_WITH_BASE = "copy or download them again, or pass another copy with --base"  # export, generate
+
+
+def fingerprint(section: ModelSection, fix: str = DAMAGED_FIX) -> str | None:
     """The fingerprint of the base's safetensors weights, or None where there are none on this machine (pickle
-    weights, a hub model not in the local cache)."""
+    weights, a hub model not in the local cache). A damaged weights file is named, with `fix`."""
     from safetensors import safe_open
 
     files = _weight_files(section)
     if not files:
         return None
     # A run fingerprints its base before loading it: a file cut short must be named here, as loading would name it.
-    check_safetensors(files, f"the weights of '{section.name_or_path}': copy or download the model again")
+    check_safetensors(files, f"the weights of '{section.name_or_path}': {fix}")
     digest = hashlib.sha256()
     tensors = []
     for path in files:
@@ -97,7 +101,7 @@ def save_with_adapter(section: ModelSection, run: Path, adapter_dir: Path) -> No
     write_text_atomic(adapter_dir / FILE, (run / FILE).read_text(encoding="utf-8"))
 
 
-def check(directory: Path, section: ModelSection, what: str) -> None:
+def check(directory: Path, section: ModelSection, what: str, fix: str = DAMAGED_FIX) -> None:
     """Refuse a base whose weights differ from the ones `directory` (a run or an adapter) recorded. A directory
     from before fingerprints were recorded is accepted with a note."""
     recorded = _read(directory)
@@ -105,7 +109,7 @@ def check(directory: Path, section: ModelSection, what: str) -> None:
         print(f"note: {directory} records no fingerprint of its base's weights (made before qlora-trainer recorded "
               f"one); cannot check that {section.name_or_path} is the base it was trained on", flush=True)
         return
-    current = fingerprint(section)
+    current = fingerprint(section, fix)
     if current is None:
         print(f"note: no safetensors weights of {section.name_or_path} on this machine to fingerprint; cannot check "
               f"that it is the base {directory} was trained on", flush=True)

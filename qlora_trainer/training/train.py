@@ -275,10 +275,10 @@ def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted,
                              f"estimate was {predicted.total / GIB:.1f} GiB; try {', or '.join(fixes)}; "
                              f"checkpoints so far are in {run / CHECKPOINTS}") from None
     except OSError as err:
-        if not _writing_failed(err, run):
+        failed = _write_failure(err, run, resume)
+        if failed is None:
             raise  # a connection reset, a bug's bad path: the boundary reports it with its traceback saved
-        raise TrainingFailed(f"cannot write in {run} ({err.strerror or err}); earlier checkpoints in {run / CHECKPOINTS} "
-                             f"are intact; free space or fix permissions, then: {resume}") from None
+        raise failed from None
     finally:
         stop_signal.restore()
     # Both stops are agreed at each step end, so every process raises the same error; the main one prints it.
@@ -299,9 +299,16 @@ def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted,
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
-def _writing_failed(err: OSError, run: Path) -> bool:
-    inside = err.filename is not None and Path(str(err.filename)).resolve().is_relative_to(run.resolve())
-    return err.errno in WRITE_ERRNOS or inside
+def _write_failure(err: OSError, run: Path, resume: str) -> TrainingFailed | None:
+    """The one line for a disk that refused a write, naming the path when it is not in the run (a full /tmp or
+    cache disk is not fixed by freeing the run's); None for an OSError that is no such thing."""
+    where = Path(str(err.filename)) if err.filename is not None else None
+    inside = where is not None and where.resolve().is_relative_to(run.resolve())
+    if err.errno not in WRITE_ERRNOS and not inside:
+        return None
+    place = f"write {where}" if where is not None and not inside else f"write in {run}"
+    return TrainingFailed(f"cannot {place} ({err.strerror or err}); earlier checkpoints in {run / CHECKPOINTS} are "
+                          f"intact; free space or fix permissions, then: {resume}")
 
 
 def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chosen: auto_settings.Plan,
