@@ -8,6 +8,23 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO_TRAIN = REPO / "recipes" / "data" / "complaints-train.jsonl"
+
+
+def tiny_recipe(path: Path, model_dir: Path, **sections: dict) -> Path:
+    """Write a recipe that trains `model_dir` for four steps of eight demo rows, checkpointing every two, with
+    `sections` merged over it key by key (`train={"max_steps": 6}`); return its path."""
+    import yaml
+
+    recipe = {"model": {"name_or_path": str(model_dir)},
+              "lora": {"r": 4, "alpha": 8},
+              "data": {"path": str(DEMO_TRAIN), "max_rows": 32, "format": "prompt_completion"},
+              "train": {"seq_len": 64, "micro_batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 4,
+                        "save_steps": 2, "logging_steps": 1}}
+    for name, values in sections.items():
+        recipe.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -6,21 +6,19 @@ traceback, and that nothing under the watched paths was created, changed or remo
 from __future__ import annotations
 
 import contextlib
-import json
 import io
+import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers import REPO, refused_cleanly, tree_state
+from helpers import refused_cleanly, tiny_recipe, tree_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qlora_trainer.cli import main
 from qlora_trainer.errors import TrainingFailed
-
-DEMO_TRAIN = REPO / "recipes" / "data" / "complaints-train.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -39,26 +37,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def recipe_for(tmp_path: Path, model_dir: Path) -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(f"""\
-model:
-  name_or_path: {model_dir}
-lora:
-  r: 4
-  alpha: 8
-data:
-  path: {DEMO_TRAIN}
-  max_rows: 32
-  format: prompt_completion
-train:
-  seq_len: 64
-  micro_batch_size: 8
-  gradient_accumulation_steps: 1
-  max_steps: 4
-  save_steps: 2
-  logging_steps: 1
-""")
-    return path
+    return tiny_recipe(tmp_path / "recipe.yaml", model_dir)
 
 
 def truncated_copy(source: Path, target: Path, name: str, cut) -> Path:
@@ -490,8 +469,7 @@ def test_a_user_error_is_one_line_whatever_it_quotes(quoted):
 
 
 def test_a_path_with_a_line_break_is_quoted_on_the_one_line(tmp_path, tiny_model_dir):
-    recipe = recipe_for(tmp_path, tiny_model_dir)
-    recipe.write_text(recipe.read_text().replace(f"path: {DEMO_TRAIN}", 'path: "rows\\nx\\x1b.jsonl"'))
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", tiny_model_dir, data={"path": "rows\nx\x1b.jsonl"})
     line = refused_cleanly(["--recipe", str(recipe), "--output-dir", str(tmp_path / "run")], 2, "rows\\nx\\x1b.jsonl",
                            watch=[tmp_path])
     assert "data.path" in line

@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, refused_cleanly
+from helpers import refused_cleanly, tiny_recipe
 from safetensors.torch import load_file, save_file
 
 from qlora_trainer.cli import main
 from qlora_trainer.errors import UserError
 from qlora_trainer.training.resume import damage, usable_checkpoint
-
-DEMO_TRAIN = REPO / "recipes" / "data" / "complaints-train.jsonl"
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:
@@ -35,28 +33,9 @@ def finished(tiny_model_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume")
     model = root / "model"
     shutil.copytree(tiny_model_dir, model)
-    recipe = root / "recipe.yaml"
-    recipe.write_text(f"""\
-model:
-  name_or_path: {model}
-lora:
-  r: 4
-  alpha: 8
-  dropout: 0.1        # resuming must restore the RNG state too
-data:
-  path: {DEMO_TRAIN}
-  max_rows: 64
-  format: prompt_completion
-train:
-  seq_len: 64
-  micro_batch_size: 8
-  gradient_accumulation_steps: 1
-  max_steps: 4
-  save_steps: 2
-  save_total_limit: 5
-  logging_steps: 1
-  learning_rate: 2.0e-3
-""")
+    # Dropout draws random numbers: resuming must restore the RNG state too.
+    recipe = tiny_recipe(root / "recipe.yaml", model, lora={"dropout": 0.1}, data={"max_rows": 64},
+                         train={"save_total_limit": 5, "learning_rate": 2.0e-3})
     run = root / "run"
     code, _, err = run_main(["--recipe", str(recipe), "--output-dir", str(run)])
     assert code == 0, err[-3000:]
@@ -66,12 +45,30 @@ train:
 @pytest.fixture
 def interrupted(finished, tmp_path) -> Path:
     """The finished run as a run killed after its last checkpoint: no summary, adapter or plot yet."""
-    run = tmp_path / "run"
+    return killed_copy(finished, tmp_path / "run")
+
+
+def killed_copy(finished: Path, run: Path, drop_checkpoints: tuple[str, ...] = ()) -> Path:
+    """A copy of a finished run as the run killed after its newest remaining checkpoint left it."""
     shutil.copytree(finished, run)
     for name in ("summary.json", "loss.png"):
         (run / name).unlink()
-    shutil.rmtree(run / "adapter")
+    for name in ("adapter", *(f"checkpoints/{c}" for c in drop_checkpoints)):
+        shutil.rmtree(run / name)
     return run
+
+
+def assert_ended_as_uninterrupted(run: Path, finished: Path, retrained: range) -> None:
+    """Every step logged once; the retrained steps' losses and the final adapter those of the run never stopped."""
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == list(range(1, retrained.stop)), "steps before the checkpoint kept, the rest logged once"
+    for step in retrained:
+        assert losses(run)[step] == pytest.approx(losses(finished)[step], abs=1e-3)
+    straight = load_file(str(finished / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key].float(), straight[key].float(), rtol=0, atol=1e-3, msg=key)
 
 
 def cut(path: Path, fraction: float) -> None:
@@ -96,18 +93,9 @@ def test_a_damaged_newest_checkpoint_falls_back_and_the_run_ends_as_if_uninterru
     assert len(said) == 1 and "checkpoint-4/optimizer.pt" in said[0] and "checkpoint-2 instead" in said[0], out
     summary = json.loads((interrupted / "summary.json").read_text())
     assert summary["steps"] == 4
-    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in line]
-    assert steps == [1, 2, 3, 4], "steps 3 and 4 are logged once, by the resumed run"
     # Steps 3 and 4 were trained again from checkpoint-2's adapter, optimizer and RNG state: the same losses and
     # the same adapter as the run that was never interrupted.
-    for step in (3, 4):
-        assert losses(interrupted)[step] == pytest.approx(losses(finished)[step], abs=1e-3)
-    straight = load_file(str(finished / "adapter" / "adapter_model.safetensors"))
-    resumed = load_file(str(interrupted / "adapter" / "adapter_model.safetensors"))
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        torch.testing.assert_close(resumed[key].float(), straight[key].float(), rtol=0, atol=1e-3, msg=key)
+    assert_ended_as_uninterrupted(interrupted, finished, range(3, 5))
     assert damage(interrupted / "checkpoints" / "checkpoint-4") is None, "the damaged checkpoint was saved again"
 
 
@@ -177,50 +165,16 @@ def _model_of(run: Path) -> str:
 def test_a_packed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path):
     """Packing with padding-free batches (the GPU default for short rows) changes what each step trains on; a run
     killed after a checkpoint must still resume to the adapter of the run that was never interrupted."""
-    recipe = tmp_path / "packed.yaml"
-    recipe.write_text(f"""\
-model:
-  name_or_path: {tiny_model_dir}
-lora:
-  r: 4
-  alpha: 8
-  dropout: 0.1
-data:
-  path: {DEMO_TRAIN}
-  max_rows: 96
-  format: prompt_completion
-train:
-  seq_len: 128
-  micro_batch_size: 2
-  gradient_accumulation_steps: 1
-  packing: true
-  padding_free: true
-  max_steps: 6
-  save_steps: 3
-  save_total_limit: 5
-  logging_steps: 1
-  learning_rate: 2.0e-3
-""")
+    recipe = tiny_recipe(tmp_path / "packed.yaml", tiny_model_dir, lora={"dropout": 0.1}, data={"max_rows": 96},
+                         train={"seq_len": 128, "micro_batch_size": 2, "packing": True, "padding_free": True,
+                                "max_steps": 6, "save_steps": 3, "save_total_limit": 5, "learning_rate": 2.0e-3})
     finished = tmp_path / "straight"
     code, out, err = run_main(["--recipe", str(recipe), "--output-dir", str(finished)])
     assert code == 0, err[-3000:]
     summary = json.loads((finished / "summary.json").read_text())
     assert summary["levers"]["packing"] is True and summary["levers"]["padding_free"] is True
-    run = tmp_path / "killed"
-    shutil.copytree(finished, run)  # killed after checkpoint-3: no later checkpoint, adapter, plot or summary
-    shutil.rmtree(run / "checkpoints" / "checkpoint-6")
-    shutil.rmtree(run / "adapter")
-    for name in ("summary.json", "loss.png"):
-        (run / name).unlink()
+    run = killed_copy(finished, tmp_path / "killed", drop_checkpoints=("checkpoint-6",))
     code, out, err = run_main(resume_argv(run))
     assert code == 0, err[-3000:]
     assert "starting from step 0" not in out and "resuming from the previous" not in out, out
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert steps == [1, 2, 3, 4, 5, 6], "steps 1-3 were not trained again; 4-6 are logged once, by the resumed run"
-    for step in (4, 5, 6):
-        assert losses(run)[step] == pytest.approx(losses(finished)[step], abs=1e-3)
-    straight = load_file(str(finished / "adapter" / "adapter_model.safetensors"))
-    resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        torch.testing.assert_close(resumed[key].float(), straight[key].float(), rtol=0, atol=1e-3, msg=key)
+    assert_ended_as_uninterrupted(run, finished, range(4, 7))
