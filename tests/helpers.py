@@ -73,3 +73,20 @@ def refused_cleanly(argv: list[str], code: int, fragment: str, watch: list[Path]
     assert fragment.lower() in lines[0].lower(), lines[0]
     assert tree_state(*watch) == before, "a refused command changed files it was given"
     return lines[0]
+
+
+def fail_at_step(monkeypatch, step: int, error: Exception) -> None:
+    """Make the next run raise `error` at the end of optimizer step `step`, after the checkpoints before it: a
+    stand-in for failures the CPU cannot produce on demand (CUDA out of memory, a full disk)."""
+    from transformers import TrainerCallback
+
+    import qlora_trainer.training.train as train_module
+
+    class RaiseAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise error
+
+    original = train_module.build_trainer
+    monkeypatch.setattr(train_module, "build_trainer", lambda *a, callbacks=(), **k: original(
+        *a, callbacks=(*callbacks, RaiseAtStep()), **k))

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import refused_cleanly, tiny_recipe, tree_state
+from helpers import fail_at_step, refused_cleanly, tiny_recipe, tree_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -341,18 +341,7 @@ def test_debug_with_bad_input_keeps_exit_2_and_shows_where_it_was_raised(argv, f
 def test_an_unexpected_error_after_the_first_step_keeps_the_run_and_logs_there(tmp_path, tiny_model_dir,
                                                                                monkeypatch):
     """A run that stepped has checkpoints worth resuming: it stays, with error.log beside them."""
-    from transformers import TrainerCallback
-
-    import qlora_trainer.training.train as train_module
-
-    class FailAtStep3(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise RuntimeError("injected at step 3")
-
-    original = train_module.build_trainer
-    monkeypatch.setattr(train_module, "build_trainer",
-                        lambda *a, callbacks=(), **k: original(*a, callbacks=(*callbacks, FailAtStep3()), **k))
+    fail_at_step(monkeypatch, 3, RuntimeError("injected at step 3"))
     run = tmp_path / "run"
     code, _, err = run_main(["--recipe", str(recipe_for(tmp_path, tiny_model_dir)), "--output-dir", str(run)])
     lines = [line for line in err.splitlines() if line.startswith("qlora-trainer: error:")]

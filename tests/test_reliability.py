@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, fail_at_step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from qlora_trainer.config.recipe import DataSection
 from qlora_trainer.config.recipe_files import load_recipe
@@ -155,17 +154,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(recipe_file, t
         assert all(torch.isfinite(t).all() for t in weights.values())
 
 
-class RaiseAtStep(TrainerCallback):
-    """Stands in for a failure the CPU cannot produce on demand (CUDA out of memory, a full disk)."""
-
-    def __init__(self, step: int, error: Exception):
-        self.step, self.error = step, error
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise self.error
-
-
 @pytest.mark.parametrize("error, fragments", [
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
      ["CUDA out of memory at step 3", "estimate was", "try "]),
@@ -173,14 +161,7 @@ class RaiseAtStep(TrainerCallback):
      ["No space left on device", "earlier checkpoints", "--resume"]),
 ])
 def test_failures_mid_run_become_one_line_and_keep_checkpoints(recipe_file, tmp_path, monkeypatch, error, fragments):
-    import qlora_trainer.training.train as train_module
-
-    original = train_module.build_trainer
-
-    def with_failure(*args, callbacks=(), **kwargs):
-        return original(*args, callbacks=(*callbacks, RaiseAtStep(3, error)), **kwargs)
-
-    monkeypatch.setattr(train_module, "build_trainer", with_failure)
+    fail_at_step(monkeypatch, 3, error)
     recipe, _ = load_recipe(str(recipe_file), ["train.save_steps=2"])
     run = tmp_path / "run"
     with pytest.raises(TrainingFailed) as info:
@@ -191,18 +172,10 @@ def test_failures_mid_run_become_one_line_and_keep_checkpoints(recipe_file, tmp_
     assert not (run / "summary.json").exists()
 
 
-def fail_at_step_3(monkeypatch, error: Exception) -> None:
-    import qlora_trainer.training.train as train_module
-
-    original = train_module.build_trainer
-    monkeypatch.setattr(train_module, "build_trainer", lambda *a, callbacks=(), **k: original(
-        *a, callbacks=(*callbacks, RaiseAtStep(3, error)), **k))
-
-
 def test_an_os_error_that_is_not_the_disk_is_not_reported_as_one(recipe_file, tmp_path, monkeypatch):
     """A connection reset mid-run is no full disk: it leaves train() as itself (for the command line's boundary,
     which saves its traceback as an internal error), not as "cannot write in RUN; free space"."""
-    fail_at_step_3(monkeypatch, ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
+    fail_at_step(monkeypatch, 3, ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
     recipe, _ = load_recipe(str(recipe_file), ["train.save_steps=2"])
     run = tmp_path / "run"
     with pytest.raises(ConnectionResetError):
@@ -216,7 +189,7 @@ def test_a_refused_write_names_the_disk_it_was_refused_on(recipe_file, tmp_path,
     run = tmp_path / "run"
     path = run / "checkpoints" / "gone" if where == "run" else tmp_path / "cache" / "blob"
     code = errno.ENOENT if where == "run" else errno.ENOSPC
-    fail_at_step_3(monkeypatch, OSError(code, os.strerror(code), str(path)))
+    fail_at_step(monkeypatch, 3, OSError(code, os.strerror(code), str(path)))
     recipe, _ = load_recipe(str(recipe_file), ["train.save_steps=2"])
     with pytest.raises(TrainingFailed) as info:
         train(recipe, RunOptions(recipe_name="fail", output_dir=run))
