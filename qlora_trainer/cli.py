@@ -190,9 +190,9 @@ def _estimate(args) -> int:
     import json
 
     from qlora_trainer.config.recipe_files import load_recipe
-    from qlora_trainer.estimate import auto_settings
+    from qlora_trainer.estimate import auto_settings, fit_rule
     from qlora_trainer.estimate import memory_report as report
-    from qlora_trainer.estimate.memory import Settings, estimate
+    from qlora_trainer.estimate.memory import GIB, Settings, estimate
     from qlora_trainer.loading.model_checks import check_lora_targets, check_seq_len
 
     if args.overrides and not args.recipe:
@@ -241,6 +241,10 @@ def _estimate(args) -> int:
     print(report.format_estimate(est, gpu_memory))
     if chosen is not None and chosen.chosen:
         print(f"  auto ({', '.join(chosen.chosen)}): {chosen.describe()}")
+    if gpu_memory is not None and not fit_rule.fits(est.total / GIB, gpu_memory):
+        fixes = report.fixes_that_fit(shape, settings, fit_rule.usable_gib(gpu_memory))
+        print("  to fit, try: " + (", or ".join(fixes) if fixes else "a smaller model or a larger GPU")
+              + ("" if args.fit else " (or --fit for the longest seq_len and largest micro-batch that fit)"))
     if args.fit:
         found = result["fit"]
         print(f"Largest that fits {gpu_memory:g} GiB: seq_len {found['seq_len']}, micro-batch {found['micro_batch_size']} "
@@ -252,8 +256,9 @@ def _estimate(args) -> int:
 def _planned(recipe, shape, gpu_memory: float | None):
     """The recipe with its `auto` settings settled for a GPU of `gpu_memory` GiB (the defaults without one)."""
     from qlora_trainer.estimate.auto_settings import Budget, apply_plan, plan
+    from qlora_trainer.estimate.gpu_budget import host_ram_gib
 
-    budget = Budget(gpu_memory, f"--gpu-memory {gpu_memory:g}") if gpu_memory is not None else Budget(
+    budget = Budget(gpu_memory, f"--gpu-memory {gpu_memory:g}", host_ram_gib()) if gpu_memory is not None else Budget(
         None, "no --gpu-memory given: the defaults; pass --gpu-memory GIB to choose")
     chosen = plan(recipe, shape, budget, on_gpu=True)
     return apply_plan(recipe, chosen), chosen

@@ -8,18 +8,18 @@ exactly as the run started) and a Plan that says what was chosen and why.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 from qlora_trainer.config.recipe import AUTO, Recipe
 from qlora_trainer.errors import UserError
-from qlora_trainer.estimate import attention
+from qlora_trainer.estimate import attention, fit_rule
 from qlora_trainer.estimate.memory import GIB, ModelShape, estimate
 from qlora_trainer.estimate.memory_report import settings_from_recipe
-
-# Plan for this share of the budget: the estimator is held to +5% / -3% of nvidia-smi, so 5% keeps a run that
-# the estimate under-predicts inside the card.
-SAFETY_MARGIN = 0.05
 
 # Relative time per token of a training step, measured on an H100 (llama-7b shape, r=8, seq_len 2048,
 # shared/calibration/README.md): 3,405 tokens/s at micro-batch 1 and 7,411 at 4 with checkpointing, 4,944 at
@@ -35,12 +35,22 @@ OFFLOAD = 1.005
 PACK_BELOW = 0.5
 
 
+# liger-kernel's dict from model type to its patch function (liger_kernel/transformers/monkey_patch.py).
+LIGER_REGISTRY = "MODEL_TYPE_TO_APPLY_LIGER_FN"
+
+# Offloaded activations live in pinned (page-locked) CPU memory, which the OS cannot swap: plan to pin at most
+# this share of the RAM that is available, so the machine stays usable and the data loader has room.
+PINNED_RAM_SHARE = 0.5
+
+
 @dataclass(frozen=True)
 class Budget:
-    """The memory a run may use, as nvidia-smi counts it (the CUDA context included), and where it came from."""
+    """The memory a run may use, as nvidia-smi counts it (the CUDA context included), and where it came from;
+    `host_gib` is the CPU RAM available for offloaded activations (None: not known, offloading is not limited)."""
 
     gib: float | None
     source: str
+    host_gib: float | None = None
 
 
 @dataclass
@@ -79,14 +89,16 @@ def _on(flag: bool) -> str:
 
 
 def relative_time_per_token(micro_batch: int, checkpointing: bool, offloading: bool) -> float:
-    """The speed model above: lower is faster."""
+    """The speed model above: lower is faster. Only its order matters to the planner."""
     return (1 + PER_MICRO_STEP / micro_batch) * (RECOMPUTE if checkpointing else 1) * (OFFLOAD if offloading else 1)
 
 
 def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch=None) -> Plan:
-    """Choose the `auto` micro-batch, checkpointing and offloading: the largest micro-batch predicted to fit
-    within the budget less the safety margin, in its fastest configuration. Without a budget (CPU, or an estimate without --gpu-memory),
-    `auto` keeps the schema's safe defaults: micro-batch 1, checkpointing on, offloading off.
+    """Choose the `auto` micro-batch, checkpointing and offloading: of the combinations predicted to fit (fit_rule)
+    and whose offloaded activations fit in the CPU RAM, the fastest by the speed model. That is often a smaller
+    micro-batch without checkpointing rather than a larger one that recomputes every layer. Without a budget (CPU,
+    or an estimate without --gpu-memory), `auto` keeps the schema's safe defaults: micro-batch 1, checkpointing
+    on, offloading off.
     The attention implementation is settled first: its activation terms differ (eager keeps seq_len^2 scores)."""
     attn = attention.resolve(shape, recipe.model.attn_implementation)
     auto_attention = ["attn_implementation"] if recipe.model.attn_implementation == AUTO else []
@@ -100,24 +112,57 @@ def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch
     defaults = {"micro_batch_size": 1, "gradient_checkpointing": True, "activation_offloading": False}
     if budget.gib is None or not on_gpu:
         values = {key: defaults[key] if value == AUTO else value for key, value in fixed.items()}
-        predicted = _predict(recipe, shape, kernels, launch, **values)
+        predicted = _estimate(recipe, shape, kernels, launch, **values).total / GIB
         return Plan(**values, kernels=kernels, predicted_gib=predicted, budget=budget, fits=True,
                     chosen=chosen + auto_attention, notes=notes, attn_implementation=attn)
-    limit = budget.gib * (1 - SAFETY_MARGIN)
-    scored = []
-    for values in _candidates(fixed, t.global_batch(world) // world):
-        predicted = _predict(recipe, shape, kernels, launch, **values)
-        speed = relative_time_per_token(values["micro_batch_size"], values["gradient_checkpointing"],
-                                        values["activation_offloading"])
-        scored.append((predicted <= limit, speed, predicted, values))
-    fitting = [c for c in scored if c[0]]
-    # The largest micro-batch that fits, then the fastest way to fit it (checkpointing off where it fits,
-    # offloading only where it is needed): a bigger card never gets a smaller micro-batch. Where nothing fits,
-    # the smallest, so that the fit check names the fixes.
-    best = (min(fitting, key=lambda c: (-c[3]["micro_batch_size"], c[1], c[2])) if fitting
-            else min(scored, key=lambda c: c[2]))
-    return Plan(**best[3], kernels=kernels, predicted_gib=best[2], budget=budget, fits=bool(fitting),
+    scored = _score(recipe, shape, kernels, launch, fixed, t.global_batch(world) // world, budget)
+    fitting = [c for c in scored if c.fits]
+    # The fastest candidate by the speed model; among equally fast ones the larger micro-batch, then the smaller
+    # prediction. Where nothing fits, the smallest, so that the fit check names the fixes.
+    best = (min(fitting, key=lambda c: (c.time_per_token, -c.values["micro_batch_size"], c.predicted_gib))
+            if fitting else min(scored, key=lambda c: c.predicted_gib))
+    notes = notes + _ram_note(scored, best, budget)
+    return Plan(**best.values, kernels=kernels, predicted_gib=best.predicted_gib, budget=budget, fits=bool(fitting),
                 chosen=chosen + auto_attention, notes=notes, attn_implementation=attn)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    values: dict
+    predicted_gib: float
+    offloaded_gib: float  # pinned CPU RAM for offloaded activations
+    time_per_token: float
+    fits: bool
+
+
+def _score(recipe: Recipe, shape: ModelShape, kernels: str, launch, fixed: dict, per_process_batch: int,
+           budget: Budget) -> list[_Candidate]:
+    scored = []
+    for values in _candidates(fixed, per_process_batch):
+        est = _estimate(recipe, shape, kernels, launch, **values)
+        offloaded = est.activation_offload_bytes / GIB
+        ram_ok = budget.host_gib is None or offloaded <= PINNED_RAM_SHARE * budget.host_gib
+        scored.append(_Candidate(values, est.total / GIB, offloaded, relative_time_per_token(**_speed_keys(values)),
+                                 fit_rule.fits(est.total / GIB, budget.gib) and ram_ok))
+    return scored
+
+
+def _speed_keys(values: dict) -> dict:
+    return {"micro_batch": values["micro_batch_size"], "checkpointing": values["gradient_checkpointing"],
+            "offloading": values["activation_offloading"]}
+
+
+def _ram_note(scored: list[_Candidate], best: _Candidate, budget: Budget) -> list[str]:
+    """Say so when a faster candidate was ruled out only by the CPU RAM its offloaded activations would pin."""
+    if budget.host_gib is None:
+        return []
+    ruled_out = [c for c in scored if fit_rule.fits(c.predicted_gib, budget.gib) and not c.fits
+                 and c.time_per_token < best.time_per_token]
+    if not ruled_out:
+        return []
+    need = min(c.offloaded_gib for c in ruled_out)
+    return [f"activation offloading would pin {need:.1f} GiB of CPU RAM, over {PINNED_RAM_SHARE:.0%} of the "
+            f"{budget.host_gib:.1f} GiB available: not chosen"]
 
 
 def _candidates(fixed: dict, per_process_batch: int) -> list[dict]:
@@ -137,11 +182,11 @@ def _candidates(fixed: dict, per_process_batch: int) -> list[dict]:
             or fixed["gradient_checkpointing"] is False and fixed["activation_offloading"] is True]
 
 
-def _predict(recipe: Recipe, shape: ModelShape, kernels: str, launch, **values) -> float:
+def _estimate(recipe: Recipe, shape: ModelShape, kernels: str, launch, **values):
     settled = settle(recipe, micro_batch_size=values["micro_batch_size"],
                      gradient_checkpointing=values["gradient_checkpointing"],
                      activation_offloading=values["activation_offloading"], kernels=kernels)
-    return estimate(shape, settings_from_recipe(settled, launch)).total / GIB
+    return estimate(shape, settings_from_recipe(settled, launch))
 
 
 def settle(recipe: Recipe, **values) -> Recipe:
@@ -170,11 +215,26 @@ def apply_plan(recipe: Recipe, chosen: Plan) -> Recipe:
 
 def liger_supports(model_type: str) -> bool:
     """Whether liger-kernel has layer kernels for this model type (its own registry, not a list of ours)."""
-    try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError:  # liger-kernel needs triton, which some platforms lack: then no model type is supported
-        return False
-    return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+    return model_type in liger_model_types()
+
+
+@functools.cache
+def liger_model_types() -> frozenset[str]:
+    """liger-kernel's registry of model types, read from its source: importing it pulls triton, PEFT and
+    bitsandbytes, seconds that an estimate does not need. Training imports it for real (speed_levers.py), and an
+    installation that cannot import stops there with one line."""
+    spec = importlib.util.find_spec("liger_kernel")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    source = Path(spec.submodule_search_locations[0]) / "transformers" / "monkey_patch.py"
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+                and any(getattr(target, "id", None) == LIGER_REGISTRY for target in node.targets)):
+            return frozenset(key.value for key in node.value.keys if isinstance(key, ast.Constant))
+    # A liger-kernel that builds its registry some other way: ask it (slower, same answer).
+    from liger_kernel.transformers import monkey_patch
+
+    return frozenset(getattr(monkey_patch, LIGER_REGISTRY))
 
 
 def choose_kernels(recipe: Recipe, model_type: str, on_gpu: bool) -> tuple[str, list[str]]:
@@ -187,13 +247,15 @@ def choose_kernels(recipe: Recipe, model_type: str, on_gpu: bool) -> tuple[str, 
     if wanted == "liger":
         if not supported:
             raise UserError(f"train.kernels: liger: liger-kernel is not installed or has no kernels for model type "
-                            f"'{model_type}'; set train.kernels: none (or auto)")
+                            f"'{model_type}'; pip install 'qlora-trainer[cuda]', or set train.kernels: none (or auto)")
         if not on_gpu:
             raise UserError("train.kernels: liger needs a CUDA GPU (liger's kernels are Triton GPU code); "
                             "set train.kernels: auto to train on the CPU")
         return "liger", []
     if on_gpu and not supported:
-        return "none", [f"kernels: liger-kernel has no kernels for model type '{model_type}'; transformers' own are used"]
+        why = (f"liger-kernel has no kernels for model type '{model_type}'" if liger_model_types()
+               else "liger-kernel is not installed (pip install 'qlora-trainer[cuda]')")
+        return "none", [f"kernels: {why}; transformers' own are used"]
     return ("liger" if on_gpu else "none"), []
 
 

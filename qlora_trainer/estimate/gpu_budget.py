@@ -8,6 +8,7 @@ out-of-memory error at the cap, as it would on a card of that size.
 
 from __future__ import annotations
 
+import psutil
 import torch
 
 from qlora_trainer.errors import UserError
@@ -19,17 +20,22 @@ def run_budget(cap_gib: float | None, cap_source: str, device: str) -> Budget:
     """The cap, else the GPU's free memory; without a GPU and a cap there is no budget."""
     if device != "cuda":
         if cap_gib is not None:
-            return Budget(cap_gib, cap_source)
+            return Budget(cap_gib, cap_source, host_ram_gib())
         return Budget(None, "no GPU memory budget: the safe defaults; pass --gpu-memory GIB to plan for a GPU")
     free, _ = torch.cuda.mem_get_info()
     # The context already exists, so it is not in `free`; the estimate counts it, so the budget does too.
     available = (free + CUDA_CONTEXT_BYTES) / GIB
     if cap_gib is not None and cap_gib <= available:
-        return Budget(cap_gib, cap_source)
+        return Budget(cap_gib, cap_source, host_ram_gib())
     source = f"free memory on {torch.cuda.get_device_name()}"
     if cap_gib is not None:
         source += f", below the {cap_source} cap"
-    return Budget(round(available, 3), source)
+    return Budget(round(available, 3), source, host_ram_gib())
+
+
+def host_ram_gib() -> float:
+    """The CPU RAM available now, which offloaded activations would pin."""
+    return psutil.virtual_memory().available / GIB
 
 
 def apply_cap(cap_gib: float) -> None:

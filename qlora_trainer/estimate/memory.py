@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from qlora_trainer.estimate import fit_rule
 from qlora_trainer.estimate.activation_memory import DTYPE_BYTES, activation_peak
 
 GIB = 2**30
@@ -138,6 +139,11 @@ class Estimate:
     def total(self) -> int:
         return sum(self.breakdown.values())
 
+    @property
+    def all_params(self) -> int:
+        """The base's parameters and the adapter's, as PEFT's "all params" counts them."""
+        return self.total_params + self.trainable_params
+
     def to_json(self, gpu_memory_gib: float | None = None) -> dict:
         result = {
             "model": self.model,
@@ -146,7 +152,8 @@ class Estimate:
             "breakdown_bytes": dict(self.breakdown),
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
-            "trainable_percent": round(100 * self.trainable_params / self.total_params, 4),
+            "all_params": self.all_params,
+            "trainable_percent": round(100 * self.trainable_params / self.all_params, 4),
             # What a memory cap (torch.cuda.set_per_process_memory_fraction) limits is the allocator's share:
             # cap = budget - non_allocator_gib. Paged optimizer state and offloaded activations are in neither.
             "allocator_gib": round((self.total - self.breakdown["cuda_context"]) / GIB, 3),
@@ -163,8 +170,8 @@ class Estimate:
         }
         if gpu_memory_gib is not None:
             result["gpu_memory_gib"] = gpu_memory_gib
-            result["fits"] = self.total / GIB <= gpu_memory_gib
-            result["headroom_gib"] = round(gpu_memory_gib - self.total / GIB, 3)
+            result["fits"] = fit_rule.fits(self.total / GIB, gpu_memory_gib)
+            result["headroom_gib"] = round(fit_rule.headroom_gib(self.total / GIB, gpu_memory_gib), 3)
         return result
 
 

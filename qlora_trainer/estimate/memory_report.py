@@ -8,6 +8,7 @@ from pathlib import Path
 
 from qlora_trainer.config.recipe import AUTO, PLANNED_KEYS, Recipe
 from qlora_trainer.errors import UserError, WontFitError
+from qlora_trainer.estimate import fit_rule
 from qlora_trainer.estimate.memory import GIB, Estimate, ModelShape, Settings, estimate, model_shape
 from qlora_trainer.loading.architectures import (
     DEFAULT_FOR_SIZE,
@@ -102,8 +103,8 @@ def format_estimate(est: Estimate, gpu_memory_gib: float | None = None) -> str:
     for term, size in est.breakdown.items():
         lines.append(f"  {term:<20} {size / GIB:8.3f} GiB")
     lines.append(f"  {'total':<20} {est.total / GIB:8.3f} GiB")
-    share = 100 * est.trainable_params / est.total_params
-    lines.append(f"  trainable params {est.trainable_params:,} of {est.total_params:,} ({share:.3f}%)")
+    share = 100 * est.trainable_params / est.all_params
+    lines.append(f"  trainable params {est.trainable_params:,} of {est.all_params:,} with the adapters ({share:.3f}%)")
     lines.append(f"  inputs: rank {s.rank} on {s.target_modules if isinstance(s.target_modules, str) else ','.join(s.target_modules)}, "
                  f"seq_len {s.seq_len}, micro-batch {s.batch_size}, {s.optimizer}, "
                  f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.attn_implementation} attention")
@@ -115,8 +116,7 @@ def format_estimate(est: Estimate, gpu_memory_gib: float | None = None) -> str:
     if est.activation_offload_bytes:
         lines.append(f"  activations offloaded to pinned CPU RAM: {est.activation_offload_bytes / GIB:.3f} GiB")
     if gpu_memory_gib is not None:
-        verdict = "fits" if est.total / GIB <= gpu_memory_gib else "does NOT fit"
-        lines.append(f"  on a {gpu_memory_gib:g} GiB GPU: {verdict} (headroom {gpu_memory_gib - est.total / GIB:+.2f} GiB)")
+        lines.append(f"  on a {gpu_memory_gib:g} GiB GPU: {fit_rule.verdict(est.total / GIB, gpu_memory_gib)}")
     lines.extend(f"  note: {note}" for note in est.notes)
     return "\n".join(lines)
 
@@ -124,7 +124,7 @@ def format_estimate(est: Estimate, gpu_memory_gib: float | None = None) -> str:
 def fit(shape: ModelShape, settings: Settings, gpu_memory_gib: float, global_batch: int) -> dict:
     """The longest sequence (up to the requested one) and then the largest micro-batch that fit, with the
     accumulation that keeps the global batch."""
-    limit = gpu_memory_gib * GIB
+    limit = fit_rule.usable_gib(gpu_memory_gib) * GIB
     seq, shortest = settings.seq_len, min(128, settings.seq_len)
     while seq >= shortest and estimate(shape, dataclasses.replace(settings, seq_len=seq, batch_size=1)).total > limit:
         seq //= 2
@@ -169,9 +169,10 @@ def fixes_that_fit(shape: ModelShape, settings: Settings, limit_gib: float) -> l
 
 def check_fits(est: Estimate, shape: ModelShape, budget_gib: float, budget_source: str, force: bool) -> None:
     """Stop before loading when the estimate exceeds the budget (nvidia-smi terms, the CUDA context included)."""
-    if est.total / GIB <= budget_gib or force:
+    if fit_rule.fits(est.total / GIB, budget_gib) or force:
         return
-    fixes = fixes_that_fit(shape, est.settings, budget_gib)
+    fixes = fixes_that_fit(shape, est.settings, fit_rule.usable_gib(budget_gib))
     hint = "; try " + ", or ".join(fixes) if fixes else "; use a smaller model or a larger GPU"
-    raise WontFitError(f"estimated peak {est.total / GIB:.1f} GiB exceeds the {budget_gib:.1f} GiB budget "
-                       f"({budget_source}){hint} (or --force to try anyway)")
+    raise WontFitError(f"estimated peak {est.total / GIB:.1f} GiB exceeds {fit_rule.usable_gib(budget_gib):.1f} GiB, "
+                       f"{1 - fit_rule.SAFETY_MARGIN:.0%} of the {budget_gib:.1f} GiB budget ({budget_source}){hint} "
+                       "(or --force to try anyway)")

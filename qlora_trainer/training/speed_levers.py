@@ -7,7 +7,7 @@ refused by name on a machine without CUDA rather than silently skipped.
 
 from __future__ import annotations
 
-from qlora_trainer.errors import UserError
+from qlora_trainer.errors import UserError, first_line
 
 
 def check_levers(train, device: str) -> None:
@@ -28,8 +28,11 @@ def apply_kernels(model, kernels: str) -> None:
     linear cross-entropy would replace the model's forward that TRL patches."""
     if kernels != "liger":
         return
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as err:  # installed but unusable here, e.g. without triton
+        raise UserError(f"train.kernels: liger: liger-kernel cannot be imported ({first_line(err)}); install "
+                        "triton (CUDA builds of torch bring it), or set train.kernels: none") from None
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
                                     cross_entropy=False, fused_linear_cross_entropy=False)
 
