@@ -7,7 +7,15 @@ import errno
 import sys
 from pathlib import Path
 
-from qlora_trainer.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, InternalError, TrainingFailed, UserError, one_line
+from qlora_trainer.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    InternalError,
+    TrainingFailed,
+    UserError,
+    one_line,
+)
 
 COMMANDS = ("train", "estimate", "export", "generate", "recipes")
 DEBUG_HELP = "on an error, also print the full traceback (it always goes to a log file)"
