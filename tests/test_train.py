@@ -135,3 +135,29 @@ def test_demo_learns_the_task_from_the_command_line(demo_run):
     stdout = (demo_run / "stdout.txt").read_text()
     assert "Held-out exact match after training" in stdout
     assert "trainable params: " in stdout
+
+
+def test_an_eval_pass_before_training_leaves_the_gradients_unchanged(tiny_model_dir):
+    """The held-out generation runs the model in eval mode without gradients before training. On CPUs with
+    AVX512-BF16 bitsandbytes would then repack the 4-bit weights for a kernel with no backward, and the gradient
+    through every base layer would be dropped: the first layer's LoRA gradient must be the same with and
+    without that pass."""
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_trainer.config.recipe import ModelSection, QuantizationSection
+
+    def first_layer_lora_grad(eval_first: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        base = load_base_model(ModelSection(name_or_path=str(tiny_model_dir)), QuantizationSection(), "cpu")
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        ids = torch.randint(0, 300, (2, 16))
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        name, param = next((n, p) for n, p in model.named_parameters() if "layers.0." in n and "lora_A" in n)
+        return param.grad.detach().clone()
+
+    assert torch.equal(first_layer_lora_grad(eval_first=True), first_layer_lora_grad(eval_first=False))

@@ -80,7 +80,7 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, device: str
     sharded = launch.strategy == "fsdp"
     device_map = None if sharded else {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        base = AutoModelForCausalLM.from_pretrained(
             path,
             revision=model.revision,
             trust_remote_code=model.trust_remote_code,
@@ -105,6 +105,19 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, device: str
                             "model.allow_pickle_weights: true if you trust the files (unpickling can run code)") from None
         raise UserError(f"model.name_or_path: cannot load '{model.name_or_path}' ({first_line(err)}); "
                         "check the hub id and network, or pass a local copy with --set model.name_or_path=/path") from None
+    keep_4bit_layout(base)
+    return base
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep every 4-bit layer in the layout that backpropagates. On CPUs with AVX512-BF16, bitsandbytes repacks a
+    layer's weights for a faster kernel the first time it runs in eval mode without gradients (our held-out
+    generation before training does), and keeps them so: that kernel has no backward, so training afterwards
+    would silently drop the gradient through every base layer (torch warns "an autograd kernel was not
+    registered"). The repacking is bitsandbytes' per-layer switch `support_avx512bf16_for_cpu`."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _weight_files(path: Path) -> list[Path]:
