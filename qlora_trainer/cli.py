@@ -7,6 +7,7 @@ import errno
 import sys
 from pathlib import Path
 
+from qlora_trainer.console import quiet_libraries
 from qlora_trainer.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -76,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", parents=[common], help="generate text from a run, an adapter or a merged export")
     gen.add_argument("source", type=Path, help="run directory, adapter directory or merged export")
     prompts = gen.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", help="one prompt")
-    prompts.add_argument("--file", type=Path, help="a text file with one prompt per line")
+    prompts.add_argument("--prompt", help=r"one prompt; write a line break as \n, e.g. 'Tweet: late again\nLabel:'")
+    prompts.add_argument("--file", type=Path, help=r"a text file with one prompt per line (line breaks as \n), or a "
+                         ".jsonl file of rows with a prompt field, such as training's prompt/completion data")
     gen.add_argument("--base", help="base model for an adapter (default: the one it names)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     first = next((arg for arg in given if arg != "--debug"), None)
     args = build_parser().parse_args(given if first in COMMANDS + ("-h", "--help") else ["train", *given])
+    quiet_libraries()
     try:
         commands = {"train": _train, "estimate": _estimate, "export": _export, "generate": _generate, "recipes": _recipes}
         return commands[args.command](args)
@@ -248,7 +251,7 @@ def _estimate(args) -> int:
         return EXIT_OK
     print(report.format_estimate(est, gpu_memory))
     if chosen is not None and chosen.chosen:
-        print(f"  auto ({', '.join(chosen.chosen)}): {chosen.describe()}")
+        print(f"  auto: {chosen.describe()}")
     if gpu_memory is not None and not fit_rule.fits(est.total / GIB, gpu_memory):
         fixes = report.fixes_that_fit(shape, settings, fit_rule.usable_gib(gpu_memory))
         print("  to fit, try: " + (", or ".join(fixes) if fixes else "a smaller model or a larger GPU")
@@ -314,21 +317,11 @@ def _export(args) -> int:
 
 def _generate(args) -> int:
     from qlora_trainer.deploy.generate import GenerateOptions, format_prompt, generate, load_for_inference
+    from qlora_trainer.deploy.prompts import read_prompts
 
     if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
         raise UserError("--max-new-tokens must be positive, --top-p in (0, 1], --temperature 0 or more")
-    if args.file is not None and not args.file.is_file():
-        raise UserError(f"--file {args.file} is a directory, not a text file of prompts" if args.file.is_dir() else
-                        f"--file {args.file} does not exist")
-    try:
-        prompts = [args.prompt] if args.prompt is not None else [
-            line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise UserError(f"--file {args.file} is not UTF-8 text; save it as UTF-8") from None
-    if args.prompt is not None and not args.prompt.strip():
-        raise UserError("--prompt is empty; pass the text to continue, e.g. --prompt 'Hello'")
-    if not prompts:  # checked before loading the model: there would be nothing to generate from
-        raise UserError(f"--file {args.file} holds no prompts (every line is blank); write one prompt per line")
+    prompts = read_prompts(args.prompt, args.file)  # before loading the model: there would be nothing to generate
     model, tokenizer, data_format = load_for_inference(args.source, args.base)
     options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     for prompt in prompts:

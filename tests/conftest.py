@@ -55,3 +55,11 @@ def demo_run(tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     (run / "stdout.txt").write_text(result.stdout)
     return run
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the demo run waits for a whole training run: it belongs to the slow end-to-end set
+    (`-m slow`), like the tests marked by hand."""
+    for item in items:
+        if "demo_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

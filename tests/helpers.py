@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# One limit for every subprocess a test waits on: it turns a hang into a failure, and must not turn a loaded
+# machine into one (a 2-core machine running another job took 3x the usual time); QLORA_TEST_TIMEOUT overrides.
+TIMEOUT = float(os.environ.get("QLORA_TEST_TIMEOUT", 3600))
 DEMO_TRAIN = REPO / "recipes" / "data" / "complaints-train.jsonl"
 
 
@@ -30,7 +33,7 @@ def tiny_recipe(path: Path, model_dir: Path, **sections: dict) -> Path:
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m qlora_trainer ARGS` in a fresh process, as a user would."""
     return subprocess.run([sys.executable, "-m", "qlora_trainer", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, env={**os.environ, **(env or {})}, timeout=600)
+                          cwd=cwd or REPO, env={**os.environ, **(env or {})}, timeout=TIMEOUT)
 
 
 def tree_state(*roots: Path) -> dict[str, tuple]:

@@ -265,6 +265,7 @@ def test_liger_kernels_patch_the_instance_and_keep_lora(tiny_model_dir):
     assert out[2] == "Linear"  # PEFT's LoRA Linear wraps the projections that liger's SwiGLU calls
 
 
+@pytest.mark.slow
 def test_bench_speed_smoke_runs_every_path_on_cpu(tmp_path):
     """tools/bench_speed.py --device cpu: our CLI path and the plain TRL + PEFT script train on the same tiny
     random model and rows; Unsloth, not installed here, is reported as skipped; the ratios come out."""

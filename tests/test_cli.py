@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import REPO, run_cli
+from helpers import REPO, TIMEOUT, run_cli
 
 from qlora_trainer.cli import main
 
@@ -137,7 +137,7 @@ def test_a_wheel_carries_the_recipes_and_demo_data(tmp_path):
     import zipfile
 
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=TIMEOUT)
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next(tmp_path.glob("qlora_trainer-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -281,7 +281,13 @@ def test_packing_keeps_rows_apart(tiny_model_dir, tmp_path):
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
         second = slice(starts[1], starts[2] if len(starts) > 2 else batch["input_ids"].shape[1])
         alone = model(input_ids=batch["input_ids"][:, second], use_cache=False).logits[0]
-    assert torch.allclose(packed[second].float(), alone.float(), atol=2e-2), "a packed row attended to another"
+        # The same sequence as one row: the second row attends to the first. What a leak looks like.
+        leaked = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+    # bf16 kernels over different shapes round differently (on CPUs with AVX512-BF16 by up to ~0.01): a packed row
+    # must match its row alone within that, and far closer than the leak.
+    error = (packed[second].float() - alone.float()).abs().max().item()
+    leak = (leaked[second].float() - alone.float()).abs().max().item()
+    assert error < 0.05 and error < 0.1 * leak, f"a packed row attended to another: {error:.4f} vs leak {leak:.4f}"
     assert all(batch["labels"][0, s] == -100 for s in starts)
 
 

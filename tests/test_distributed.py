@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import REPO
+from helpers import REPO, TIMEOUT
 from test_reliability import assert_same_adapter, wait_for_checkpoint
 
 from qlora_trainer import distributed
@@ -75,7 +75,7 @@ def torchrun(recipe_file: Path, run: Path, *extra: str) -> subprocess.Popen:
 
 def finished(launch, recipe_file: Path, run: Path) -> tuple[Path, str]:
     proc = launch(recipe_file, run)
-    out, err = proc.communicate(timeout=900)
+    out, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, err[-4000:]
     return run, out
 
@@ -85,6 +85,7 @@ def ddp_run(recipe_file, tmp_path_factory) -> tuple[Path, str]:
     return finished(torchrun, recipe_file, tmp_path_factory.mktemp("ddp") / "run")
 
 
+@pytest.mark.slow
 def test_both_processes_train_the_same_adapter_and_the_loss_falls(ddp_run):
     run, _ = ddp_run
     summary = json.loads((run / "summary.json").read_text())
@@ -123,12 +124,13 @@ def test_exact_match_is_shared_between_the_processes(ddp_run):
     assert line.endswith("/40)"), line  # 20 prompts completed by each process, counted together
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_resume_on_two_processes_gives_the_uninterrupted_adapter(recipe_file, ddp_run, tmp_path):
     run = tmp_path / "run"
     proc = torchrun(recipe_file, run)
-    wait_for_checkpoint(run, 4, proc, timeout=600)
+    wait_for_checkpoint(run, 4, proc, timeout=TIMEOUT)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: every process receives it
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode != 0
     assert not (run / "summary.json").exists(), "an interrupted run never looks complete"
     ours = [line for line in err.splitlines() if line.startswith("qlora-trainer: error:")]
@@ -138,7 +140,7 @@ def test_ctrl_c_then_resume_on_two_processes_gives_the_uninterrupted_adapter(rec
     assert saved is not None and int(saved.name.split("-")[1]) > 4, "both processes stopped at one step and saved it"
     assert {p.name for p in saved.glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
     resumed = torchrun(recipe_file, run, "--resume")
-    out, err = resumed.communicate(timeout=900)
+    out, err = resumed.communicate(timeout=TIMEOUT)
     assert resumed.returncode == 0, err[-4000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
     assert_same_adapter(ddp_run[0], run)
@@ -172,6 +174,7 @@ def test_the_fsdp_config_differs_from_the_shipped_one_only_where_a_cpu_needs_it(
     assert {k: v for k, v in shipped.items() if k != "fsdp_config"} == {k: v for k, v in ours.items() if k != "fsdp_config"}
 
 
+@pytest.mark.slow
 def test_fsdp_trains_a_sharded_adapter_and_saves_it_whole(fsdp_run, ddp_run, tiny_model_dir):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -201,21 +204,22 @@ def test_fsdp_checkpoints_are_sharded_per_process(fsdp_run):
     assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == PROCESSES
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoints_hold_the_adapter_and_a_resumed_run_continues_from_it(recipe_file, fsdp_run, tmp_path):
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
     proc = accelerate_fsdp(recipe_file, run)
-    wait_for_checkpoint(run, 4, proc, timeout=600)
+    wait_for_checkpoint(run, 4, proc, timeout=TIMEOUT)
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode != 0 and not (run / "summary.json").exists(), err[-3000:]
     saved = latest_checkpoint(run)
     # accelerate's sharded checkpoint of a PEFT model holds no adapter weights; ours are written beside it.
     weights = load_file(str(saved / "adapter_model.safetensors"))
     assert all(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k)
     resumed = accelerate_fsdp(recipe_file, run, "--resume")
-    _, err = resumed.communicate(timeout=900)
+    _, err = resumed.communicate(timeout=TIMEOUT)
     assert resumed.returncode == 0, err[-4000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     at = int(saved.name.split("-")[1])
@@ -257,6 +261,7 @@ def _worker(rank: int, world: int, port: int, scratch: str, results) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_agreement_helpers_in_two_gloo_processes(tmp_path, unused_port):
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(2, unused_port, str(tmp_path), results), nprocs=2, join=True)
@@ -278,6 +283,7 @@ def unused_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_multi_gpu_recipe_started_on_one_process_says_how_to_launch_it():
     from helpers import run_cli
 

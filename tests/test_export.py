@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, run_cli
+from helpers import REPO, TIMEOUT, run_cli
 from peft import LoraConfig, get_peft_model
 
 from qlora_trainer.deploy import export as export_lib
@@ -61,7 +61,7 @@ def reference_logits(demo_run):
 def logits_without_peft(path, tmp_path):
     out = tmp_path / "logits.pt"
     result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PEFT, str(path), json.dumps(PROMPTS), str(out)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out)
 
@@ -72,6 +72,7 @@ def agreement(reference, candidate):
     return top1, ((ref - cand).norm() / ref.norm()).item()
 
 
+@pytest.mark.slow
 def test_export_loads_without_peft_and_matches_the_trained_model(exported, reference_logits, tmp_path):
     loaded = logits_without_peft(exported / "dequantized", tmp_path)
     assert loaded["dtype"] == "torch.float16"
@@ -87,6 +88,7 @@ def test_export_loads_without_peft_and_matches_the_trained_model(exported, refer
     assert report["verified"] and report["method"] == "dequantized"
 
 
+@pytest.mark.slow
 def test_merging_into_the_original_weights_drifts_and_says_so(exported, reference_logits, tmp_path):
     report = json.loads((exported / "original" / "export.json").read_text())
     assert report["method"] == "original"
@@ -129,11 +131,19 @@ def test_a_failure_mid_write_leaves_nothing_behind(demo_run, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == [], "no output and no temporary directory remain"
 
 
-def test_generate_produces_the_trained_label(demo_run, exported):
-    for source in (demo_run, exported / "dequantized"):
-        result = run_cli("generate", str(source), "--prompt", PROMPTS[0], "--max-new-tokens", "4")
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert result.stdout.strip().splitlines()[-1].strip() == LABELS[0]
+@pytest.mark.slow
+def test_generate_produces_the_trained_label(demo_run, exported, tmp_path):
+    # The demo's prompts span two lines: on the command line the break is written \n.
+    result = run_cli("generate", str(demo_run), "--prompt", PROMPTS[0].replace("\n", "\\n"), "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].strip() == LABELS[0]
+    # A JSONL file of training-style rows gives one prompt per row, each generated in turn.
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]), encoding="utf-8")
+    result = run_cli("generate", str(exported / "dequantized"), "--file", str(rows), "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = [block.strip().splitlines()[-1].strip() for block in result.stdout.split(">>> ")[1:]]
+    assert answers == LABELS[:3]
 
 
 def test_one_base_serves_several_adapters(demo_run, tmp_path):

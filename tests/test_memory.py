@@ -8,7 +8,7 @@ import json
 import bitsandbytes as bnb
 import pytest
 import torch
-from helpers import run_cli
+from helpers import TIMEOUT, run_cli
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -168,6 +168,7 @@ def test_per_gpu_terms_for_ddp_and_fsdp():
         estimate(shape, Settings(seq_len=1024)).total
 
 
+@pytest.mark.slow
 def test_estimate_command_takes_the_launch():
     fsdp = json.loads(run_cli("estimate", "--recipe", "llama2-70b-fsdp-2x24gb", "--json").stdout)
     assert fsdp["strategy"] == "fsdp" and fsdp["gpus"] == 2 and fsdp["cpu_offload_gib"] > 10
@@ -213,6 +214,7 @@ def test_estimate_bad_input_is_one_line():
     assert result.returncode == 2 and "known sizes are" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_measure_vram_tool_runs_the_training_path_on_cpu(tmp_path):
     """tools/measure_vram.py is the GPU proof; on CPU its code path still has to work end to end, also with two
     configurations at once in one work directory (as --jobs runs them): each process has its own run directory."""
@@ -229,7 +231,7 @@ def test_measure_vram_tool_runs_the_training_path_on_cpu(tmp_path):
                               shrink, "--workdir", str(tmp_path / "work"), "--out", str(out)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seq in (64, 48)]
     for job in jobs:
-        _, stderr = job.communicate(timeout=600)
+        _, stderr = job.communicate(timeout=TIMEOUT)
         assert job.returncode == 0, stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["seq_len"] for r in rows) == [48, 64]

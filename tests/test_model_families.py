@@ -147,6 +147,7 @@ def _train(model_dir, run, extra=()) -> int:
                      "--set", "eval.exact_match=false", "--set", "train.logging_steps=1", *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_trains_two_steps_and_exports_verified(family_dirs, family, tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "merged"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, fail_at_step
+from helpers import REPO, TIMEOUT, fail_at_step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -60,7 +60,7 @@ def start(recipe_file: Path, run: Path, *extra: str) -> subprocess.Popen:
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
 
 
-def wait_for_checkpoint(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_checkpoint(run: Path, step: int, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if (run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file():
@@ -79,7 +79,7 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
 def uninterrupted(recipe_file, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("straight") / "run"
     proc = start(recipe_file, run)
-    _, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, err[-3000:]
     return run
 
@@ -92,6 +92,7 @@ def assert_same_adapter(a: Path, b: Path) -> None:
         torch.testing.assert_close(first[key].float(), second[key].float(), rtol=0, atol=1e-3, msg=key)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_adapter(recipe_file, uninterrupted, tmp_path):
     run = tmp_path / "run"
     proc = start(recipe_file, run)
@@ -100,7 +101,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(recipe_file, uninte
     proc.wait()
     assert not (run / "summary.json").exists(), "a killed run never looks complete"
     resumed = start(recipe_file, run, "--resume")
-    out, err = resumed.communicate(timeout=600)
+    out, err = resumed.communicate(timeout=TIMEOUT)
     assert resumed.returncode == 0, err[-3000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -108,19 +109,20 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(recipe_file, uninte
     assert_same_adapter(uninterrupted, run)
 
 
+@pytest.mark.slow
 def test_sigint_saves_prints_the_resume_command_and_resumes_exactly(recipe_file, uninterrupted, tmp_path):
     run = tmp_path / "run"
     proc = start(recipe_file, run)
     wait_for_checkpoint(run, 8, proc)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 130, err[-3000:]
     assert "--resume" in err and str(run) in err and "Traceback" not in err
     assert not (run / "summary.json").exists()
     saved = latest_checkpoint(run)
     assert saved is not None and int(saved.name.split("-")[1]) > 8, "a checkpoint is saved at the interrupted step"
     resumed = start(recipe_file, run, "--resume")
-    _, err = resumed.communicate(timeout=600)
+    _, err = resumed.communicate(timeout=TIMEOUT)
     assert resumed.returncode == 0, err[-3000:]
     assert_same_adapter(uninterrupted, run)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_trainer.config.recipe import DataSection
+from qlora_trainer.console import datasets_quiet
 from qlora_trainer.dataset.chat_templates import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from qlora_trainer.errors import UserError, first_line
 
@@ -104,6 +105,11 @@ def _require_exists(value: str, key: str) -> None:
         raise UserError(f"data.{key}: {value} does not exist; fix the path or pass a hub dataset id")
 
 
+def is_hub_id(value: str) -> bool:
+    """A hub repository id rather than a local path."""
+    return not _looks_local(value)
+
+
 def _looks_local(value: str) -> bool:
     return Path(value).suffix in LOCAL_SUFFIXES or value.startswith((".", "/", "~")) or Path(value).exists()
 
@@ -184,22 +190,13 @@ def _check_utf8(path: Path, data: bytes) -> None:
 
 def _read_with_datasets(path: Path, kind: str) -> list[tuple[str, dict | None, str | None]]:
     from datasets import load_dataset
-    from datasets.utils import logging as datasets_logging
 
-    verbosity, bars_on = datasets_logging.get_verbosity(), datasets_logging.is_progress_bar_enabled()
-    # Its parse errors are logged at ERROR as well as raised: say them once, below. A local file reads in moments,
-    # so its "Generating train split" bar would only interleave with our own lines.
-    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
-    if bars_on:
-        datasets_logging.disable_progress_bar()
-    try:
-        table = load_dataset(kind, data_files=[str(path)], split="train")
-    except Exception as err:  # pyarrow and datasets raise many parse errors; all mean "this file is malformed"
-        raise UserError(f"{path}: cannot parse as {kind} ({first_line(_root_cause(err))})") from None
-    finally:
-        datasets_logging.set_verbosity(verbosity)
-        if bars_on:
-            datasets_logging.enable_progress_bar()
+    # Its parse errors are logged as well as raised: quiet, they are said once, below.
+    with datasets_quiet():
+        try:
+            table = load_dataset(kind, data_files=[str(path)], split="train")
+        except Exception as err:  # pyarrow and datasets raise many parse errors; all mean "this file is malformed"
+            raise UserError(f"{path}: cannot parse as {kind} ({first_line(_root_cause(err))})") from None
     return [(f"{path} row {i + 1}", row, None) for i, row in enumerate(table)]
 
 

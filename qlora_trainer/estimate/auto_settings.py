@@ -67,11 +67,15 @@ class Plan:
     attn_implementation: str = "sdpa"  # the implementation the model runs with (settled from `auto`)
 
     def describe(self) -> str:
-        settings = (f"micro-batch {self.micro_batch_size}, checkpointing {_on(self.gradient_checkpointing)}, "
-                    f"offloading {_on(self.activation_offloading)}, kernels {self.kernels}, "
-                    f"{self.attn_implementation} attention")
+        """What the `auto` keys became, and why: "micro-batch 8, checkpointing on: 11.2 of 12.0 GiB predicted
+        (the fastest that fits; budget: ...)". Keys the recipe set are not repeated."""
+        values = {"micro_batch_size": f"micro-batch {self.micro_batch_size}",
+                  "gradient_checkpointing": f"checkpointing {_on(self.gradient_checkpointing)}",
+                  "activation_offloading": f"offloading {_on(self.activation_offloading)}",
+                  "kernels": f"kernels {self.kernels}", "attn_implementation": f"{self.attn_implementation} attention"}
+        settings = ", ".join(values[key] for key in values if key in self.chosen) or "nothing was auto"
         if self.budget.gib is None:
-            return f"{settings}: {self.predicted_gib:.1f} GiB predicted ({self.budget.source})"
+            return f"{settings} ({self.budget.source})"
         verdict = "the fastest that fits" if self.fits else "nothing fits; this is the smallest"
         return (f"{settings}: {self.predicted_gib:.1f} of {self.budget.gib:.1f} GiB predicted "
                 f"({verdict}; budget: {self.budget.source})")

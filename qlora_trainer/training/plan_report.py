@@ -9,6 +9,7 @@ from qlora_trainer.config.recipe import Recipe
 from qlora_trainer.config.recipe_files import launch_command
 from qlora_trainer.distributed import Launch
 from qlora_trainer.estimate.auto_settings import Plan
+from qlora_trainer.training.trainer_setup import optimizer_for
 
 
 def describe_plan(recipe: Recipe, recipe_name: str, output_dir: Path, device: str, launch: Launch = Launch(),
@@ -26,7 +27,7 @@ def describe_plan(recipe: Recipe, recipe_name: str, output_dir: Path, device: st
         f"  lora      r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {targets}{extras}, {lora.dtype} adapters",
         f"  data      {data}, format {recipe.data.format}",
         f"  training  {length}, {_batch_arithmetic(t, launch.world_size)} sequences/step, seq_len {t.seq_len}, lr {t.learning_rate:g} "
-        f"{t.lr_scheduler}, {t.optimizer}",
+        f"{t.lr_scheduler}, {_optimizer(t.optimizer, device)}",
         f"  speed     {_levers(t)}",
     ] + ([f"  auto      {chosen.describe()}"] if chosen is not None and chosen.chosen else []) + [
         f"  device    {device}, {launch.describe()}",
@@ -48,6 +49,11 @@ def _launch_notes(recipe: Recipe, recipe_name: str, launch: Launch) -> list[str]
         return []
     written = f"{d.strategy} on {d.num_gpus} GPUs{' with CPU offload' if d.cpu_offload else ''}"
     return [f"this recipe is written for {written}: {launch_command(recipe, recipe_name)}"]
+
+
+def _optimizer(name: str, device: str) -> str:
+    used = optimizer_for(name, device)
+    return name if used == name else f"{name} (as {used} on the CPU: bitsandbytes pages only on CUDA)"
 
 
 def _levers(t) -> str:

@@ -46,7 +46,7 @@ from qlora_trainer.files.run_dir import (
 )
 from qlora_trainer.loading import base_fingerprint, model_checks
 from qlora_trainer.loading import model as model_lib
-from qlora_trainer.training import gpu_memory, speed_levers
+from qlora_trainer.training import dry_run, gpu_memory, speed_levers
 from qlora_trainer.training.exact_match import held_out_exact_match
 from qlora_trainer.training.failed_run import KeptOnlyOnceStepped
 from qlora_trainer.training.metrics import plot_loss, read_metrics
@@ -143,7 +143,8 @@ def _train_in(options, launch, device, prepared, run, checkpoint, deferred, atte
 
 def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
     """Everything that can fail on bad input, before the run directory exists: plan, estimate, data, tokenizer.
-    Returns the recipe with its `auto` settings settled, which is what the run trains with and saves."""
+    Returns the recipe with its `auto` settings settled, which is what the run trains with and saves. A dry run
+    goes as far, short of loading weights, and returns None after saying what it could not check here."""
     model_lib.resolve_model_path(recipe.model)  # a missing local model is named before anything else
     shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
     model_checks.check_lora_targets(recipe.lora.target_modules, shape)
@@ -152,18 +153,13 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
     check_launch(recipe, launch)
     print(describe_plan(recipe, options.recipe_name, options.output_dir, device, launch, chosen), flush=True)
     predicted = estimate(shape, settings_from_recipe(recipe, launch))
-    print(format_estimate(predicted, chosen.budget.gib), flush=True)
+    print(_memory_report(recipe, predicted, chosen, device, options.recipe_name), flush=True)
     check_data_path(recipe.data)
-    if options.dry_run:
-        print("Dry run: recipe and data paths are valid; stopping before loading weights.")
-        return None
-    check_device(recipe, device, options.force)
-    speed_levers.check_levers(recipe.train, device)
-    if device == "cuda":
-        check_fits(predicted, shape, chosen.budget.gib, chosen.budget.source, options.force)
-        if recipe.train.gpu_memory_gib is not None:
-            gpu_budget.apply_cap(recipe.train.gpu_memory_gib)
+    unchecked = _check_machine(recipe, options, device, predicted, shape, chosen)
 
+    if options.dry_run and not dry_run.readable_here(recipe, unchecked):
+        print(dry_run.report(None, unchecked))
+        return None
     data = load_data(recipe.data, recipe.train.seed)  # before the run directory: bad data leaves nothing behind
     if recipe.eval.exact_match and not isinstance(data.eval[0].get("prompt"), str):
         raise UserError(f"eval.exact_match needs text prompt/completion rows (or alpaca); {data.source} is {data.format}")
@@ -174,8 +170,42 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
                                                  chosen.attn_implementation)
     data.notes += notes
     print(describe_data(data), flush=True)
+    if options.dry_run:
+        print(dry_run.report(data, unchecked))
+        return None
     predicted = estimate(shape, settings_from_recipe(recipe, launch))
     return recipe, shape, predicted, chosen, data, tokenizer
+
+
+def _check_machine(recipe: Recipe, options: RunOptions, device: str, predicted, shape, chosen) -> list[str]:
+    """The checks that depend on this machine: the device, the CUDA-only levers and whether the run fits. A dry run
+    on a machine without a GPU plans for one elsewhere: what would stop the run here is said, not raised."""
+    unchecked = []
+    try:
+        check_device(recipe, device, options.force)
+        speed_levers.check_levers(recipe.train, device)
+    except UserError as err:
+        if not options.dry_run:
+            raise
+        unchecked.append(f"this machine: the run would stop here (exit {err.exit_code}): {err}")
+    if device == "cuda":
+        check_fits(predicted, shape, chosen.budget.gib, chosen.budget.source, options.force)
+        if recipe.train.gpu_memory_gib is not None and not options.dry_run:
+            gpu_budget.apply_cap(recipe.train.gpu_memory_gib)
+    elif recipe.train.device != "cpu":
+        unchecked.append("free GPU memory: there is no GPU here; " + (
+            f"planned for {chosen.budget.source}" if chosen.budget.gib is not None
+            else "pass --gpu-memory GIB to plan for a card"))
+    return unchecked
+
+
+def _memory_report(recipe: Recipe, predicted, chosen: auto_settings.Plan, device: str, recipe_name: str) -> str:
+    """The estimate's table; training on the CPU with no GPU to plan for, one line: a table of GPU terms, CUDA
+    context and all, would describe a run that is not happening."""
+    if device == "cpu" and recipe.train.device != "cuda" and chosen.budget.gib is None:
+        return (f"Memory: training on the CPU; on a GPU this recipe would need {predicted.total / GIB:.1f} GiB "
+                f"(python -m qlora_trainer estimate --recipe {recipe_name} shows the terms)")
+    return format_estimate(predicted, chosen.budget.gib)
 
 
 def _settle_auto(recipe: Recipe, options: RunOptions, launch: Launch, device: str, shape):
@@ -187,7 +217,7 @@ def _settle_auto(recipe: Recipe, options: RunOptions, launch: Launch, device: st
     source = f"--gpu-memory {cap:g}" if options.gpu_memory is not None else f"train.gpu_memory_gib {cap:g}" if cap else ""
     on_gpu = device == "cuda" or (options.dry_run and (cap is not None or recipe.train.device == "cuda"))
     budget = gpu_budget.run_budget(cap, source, device) if on_gpu else auto_settings.Budget(
-        None, "training on the CPU: micro-batch 1, checkpointing on, no offloading")
+        None, "training on the CPU: no GPU memory to plan for, so the safe defaults")
     chosen = auto_settings.plan(recipe, shape, budget, on_gpu, launch)
     return auto_settings.apply_plan(recipe, chosen), chosen
 

@@ -6,27 +6,43 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_trainer.config.recipe import Recipe
+from qlora_trainer.console import datasets_quiet
 from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import UserError
 from qlora_trainer.files.run_dir import CHECKPOINTS
 from qlora_trainer.loading import model as model_lib
 from qlora_trainer.training import speed_levers
 from qlora_trainer.training.metrics import MetricsLogger
+from qlora_trainer.training.progress import ProgressLines
 from qlora_trainer.training.sft_trainer import qlora_sft_trainer
+
+
+# bitsandbytes pages optimizer state only in CUDA managed memory; on the CPU the same optimizer unpaged (it warns
+# and falls back itself, once per parameter group; choosing it here says so once, in the plan).
+CPU_OPTIMIZERS = {"paged_adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "adamw_torch"}
+
+
+def optimizer_for(name: str, device: str) -> str:
+    return CPU_OPTIMIZERS.get(name, name) if device == "cpu" else name
 
 
 def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str, launch: Launch = Launch(),
                   callbacks: tuple = ()):
+    from transformers.trainer_callback import ProgressCallback
+
     speed_levers.apply_kernels(model, recipe.train.kernels)  # before PEFT wraps the projections the kernels call
-    trainer = qlora_sft_trainer()(
-        model=model,
-        args=sft_config(recipe, run, device, has_eval=data.eval is not None, launch=launch),
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=model_lib.lora_config(recipe.lora),
-        callbacks=[MetricsLogger(run / "metrics.jsonl"), *callbacks],
-    )
+    with datasets_quiet():  # TRL's five tokenizing passes per split, each with its bar
+        trainer = qlora_sft_trainer()(
+            model=model,
+            args=sft_config(recipe, run, device, has_eval=data.eval is not None, launch=launch),
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            peft_config=model_lib.lora_config(recipe.lora),
+            callbacks=[MetricsLogger(run / "metrics.jsonl"), *callbacks],
+        )
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressLines)
     model_lib.set_adapter_dtype(trainer.model, recipe.lora)
     if trainer.is_fsdp_enabled:
         from peft.utils.other import fsdp_auto_wrap_policy
@@ -60,7 +76,7 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: L
         warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
+        optim=optimizer_for(t.optimizer, device),
         activation_checkpointing=t.gradient_checkpointing,
         # A recipe built without the planner (tests, tools) may still say auto here: auto unplanned is off, as on the CPU.
         activation_offloading=t.activation_offloading is True,
