@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import sys
 from pathlib import Path
 
@@ -18,26 +19,51 @@ from qlora_trainer.errors import (
     one_line,
 )
 
-COMMANDS = ("train", "estimate", "export", "generate", "recipes")
+COMMANDS = ("train", "estimate", "export", "generate", "recipes", "keys")
 DEBUG_HELP = "on an error, also print the full traceback (it always goes to a log file)"
+
+
+EXAMPLES = """examples:
+  python -m qlora_trainer --recipe tiny-demo                     the CPU demo, about a minute
+  python -m qlora_trainer --recipe llama7b-r8 --dry-run          check everything short of loading weights
+  python -m qlora_trainer estimate --recipe llama7b-r8 --gpu-memory 12
+  python -m qlora_trainer generate runs/tiny-demo-*/ --prompt 'Tweet: charged twice\\nLabel:'
+  python -m qlora_trainer recipes                                the shipped recipes; `keys`: every recipe key
+
+Each command has its own --help. Without a command, qlora-trainer trains:
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and each option's default where it has one (flags and unset options have none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == [] \
+            or action.default is argparse.SUPPRESS
+        if unset or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qlora-trainer",
-        description="Fine-tune a language model with QLoRA on one GPU. Without a command, trains.",
+        prog="qlora-trainer", formatter_class=HelpFormatter,
+        description="Fine-tune a language model with QLoRA on one GPU, and know before the run whether it fits.",
     )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     # --debug also after the command: each subcommand knows it, without overriding the top level's default.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
     train = sub.add_parser("train", parents=[common], help="train a recipe (the default command)")
     _add_recipe_args(train)
     train.add_argument("--output-dir", type=Path, help="run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
-    train.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
+    train.add_argument("--dry-run", action="store_true", help="check the recipe, the rows and the tokenizer as the run "
+                       "would, print the plan and the estimate, and say what could not be checked here; load no weights")
     train.add_argument("--force", action="store_true", help="run even where the run is predicted not to fit")
     train.add_argument("--gpu-memory", type=float, metavar="GIB",
                        help="cap this process's GPU memory at GIB and plan the auto settings for it (train.gpu_memory_gib)")
@@ -81,11 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--file", type=Path, help=r"a text file with one prompt per line (line breaks as \n), or a "
                          ".jsonl file of rows with a prompt field, such as training's prompt/completion data")
     gen.add_argument("--base", help="base model for an adapter (default: the one it names)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 decodes greedily")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the likeliest tokens up to this mass")
 
     sub.add_parser("recipes", parents=[common], help="list the shipped recipes with their estimated GPU memory")
+    keys = sub.add_parser("keys", parents=[common], help="every recipe key with its type, default and description")
+    keys.add_argument("--markdown", action="store_true", help="print a Markdown table (as in docs/recipe-keys.md)")
+    # The default command's options belong in the top-level help: most people never type `train`.
+    parser.epilog = EXAMPLES + train.format_help()
     return parser
 
 
@@ -103,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(given if first in COMMANDS + ("-h", "--help") else ["train", *given])
     quiet_libraries()
     try:
-        commands = {"train": _train, "estimate": _estimate, "export": _export, "generate": _generate, "recipes": _recipes}
+        commands = {"train": _train, "estimate": _estimate, "export": _export, "generate": _generate, "recipes": _recipes,
+                    "keys": _keys}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("qlora-trainer: interrupted", file=sys.stderr)
@@ -356,5 +387,13 @@ def _recipes(args) -> int:
     return EXIT_OK
 
 
+def _keys(args) -> int:
+    from qlora_trainer.config.recipe_keys import format_keys, recipe_keys
+
+    print(format_keys(recipe_keys(), markdown=args.markdown))
+    return EXIT_OK
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
+

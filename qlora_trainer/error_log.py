@@ -21,7 +21,7 @@ def log_path(run_dir: Path | None, rank: int) -> Path:
     under the cache directory."""
     if run_dir is not None:
         return run_dir / (RUN_LOG if rank == 0 else f"error-rank{rank}.log")
-    from qlora_trainer.loading.demo_model import cache_dir
+    from qlora_trainer.files.cache import cache_dir
 
     return cache_dir() / "errors" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
 

@@ -9,7 +9,6 @@ out-of-memory error at the cap, as it would on a card of that size.
 from __future__ import annotations
 
 import psutil
-import torch
 
 from qlora_trainer.errors import UserError
 from qlora_trainer.estimate.auto_settings import Budget
@@ -18,6 +17,8 @@ from qlora_trainer.estimate.memory import CUDA_CONTEXT_BYTES, GIB
 
 def run_budget(cap_gib: float | None, cap_source: str, device: str) -> Budget:
     """The cap, else the GPU's free memory; without a GPU and a cap there is no budget."""
+    import torch
+
     if device != "cuda":
         if cap_gib is not None:
             return Budget(cap_gib, cap_source, host_ram_gib())
@@ -40,6 +41,8 @@ def host_ram_gib() -> float:
 
 def apply_cap(cap_gib: float) -> None:
     """Limit this process's caching allocator so that the process as a whole stays within cap_gib."""
+    import torch
+
     _, total = torch.cuda.mem_get_info()
     allocator = cap_gib * GIB - CUDA_CONTEXT_BYTES
     if allocator <= 0 or cap_gib * GIB > total:

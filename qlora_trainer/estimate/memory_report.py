@@ -10,9 +10,11 @@ from qlora_trainer.config.recipe import AUTO, PLANNED_KEYS, Recipe
 from qlora_trainer.errors import UserError, WontFitError
 from qlora_trainer.estimate import fit_rule
 from qlora_trainer.estimate.memory import GIB, Estimate, ModelShape, Settings, estimate, model_shape
+from qlora_trainer.estimate.shape_cache import cached_shape
 from qlora_trainer.loading.architectures import (
     DEFAULT_FOR_SIZE,
     architecture_for,
+    architecture_text,
     known_architectures,
     load_architecture,
 )
@@ -26,11 +28,27 @@ def shape_for_model(name_or_path: str, trust_remote_code: bool = False) -> Model
     """A model's shape from a known architecture (offline), a local directory or config.json, or the hub."""
     known = architecture_for(name_or_path)
     if known:
-        config, name = load_architecture(known), known
-    else:
-        config, name = _read_config(name_or_path, trust_remote_code), name_or_path
+        return cached_shape(architecture_text(known), known, lambda: _checked_shape(load_architecture(known), known))
+    local = _config_file(name_or_path)
+    if local is not None:  # every check reads only the config's text: a cached shape passed them all
+        text = f"{local.read_text(encoding='utf-8', errors='replace')}\ntrust_remote_code={trust_remote_code}"
+        return cached_shape(text, name_or_path,
+                            lambda: _checked_shape(_read_config(name_or_path, trust_remote_code), name_or_path))
+    return _checked_shape(_read_config(name_or_path, trust_remote_code), name_or_path)
+
+
+def _config_file(name_or_path: str) -> Path | None:
+    """The config.json of a local model (a directory, the file itself, or a built demo model); None otherwise."""
+    from qlora_trainer.loading.demo_model import demo_model_path, is_demo_model
+
+    path = demo_model_path(name_or_path) if is_demo_model(name_or_path) else Path(name_or_path).expanduser()
+    path = path / "config.json" if path.is_dir() else path
+    return path if path.is_file() else None
+
+
+def _checked_shape(config, name: str) -> ModelShape:
     check_causal_lm(config, name)  # train, estimate and recipes all come through here
-    return model_shape(config, name) if known else _supported_shape(config, name)
+    return _supported_shape(config, name)
 
 
 def _supported_shape(config, name: str) -> ModelShape:

@@ -8,7 +8,6 @@ so everything the demo shows was learned by the LoRA adapters.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 from qlora_trainer.config.recipe import DEMO_MODEL_PREFIX
 from qlora_trainer.config.recipe_files import shipped_recipes_dir
 from qlora_trainer.errors import UserError
+from qlora_trainer.files.cache import cache_dir
 from qlora_trainer.files.run_dir import apply_umask
 
 # Bump the version when the architecture or tokenizer changes, so stale caches are not reused.
@@ -35,10 +35,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QLORA_TRAINER_CACHE") or Path.home() / ".cache" / "qlora_trainer")
 
 
 def is_demo_model(name_or_path: str) -> bool:

@@ -149,10 +149,13 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
     shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
     model_checks.check_lora_targets(recipe.lora.target_modules, shape)
     model_checks.check_seq_len(recipe.train.seq_len, shape)
-    recipe, chosen = _settle_auto(recipe, options, launch, device, shape)
+    # A dry run in one process plans for the launch the recipe is written for (distributed.*), as `estimate` does;
+    # a run plans for the processes it has.
+    planned = None if options.dry_run and not launch.distributed else launch
+    recipe, chosen = _settle_auto(recipe, options, planned, device, shape)
     check_launch(recipe, launch)
     print(describe_plan(recipe, options.recipe_name, options.output_dir, device, launch, chosen), flush=True)
-    predicted = estimate(shape, settings_from_recipe(recipe, launch))
+    predicted = estimate(shape, settings_from_recipe(recipe, planned))
     print(_memory_report(recipe, predicted, chosen, device, options.recipe_name), flush=True)
     check_data_path(recipe.data)
     unchecked = _check_machine(recipe, options, device, predicted, shape, chosen)
@@ -192,7 +195,7 @@ def _check_machine(recipe: Recipe, options: RunOptions, device: str, predicted, 
         check_fits(predicted, shape, chosen.budget.gib, chosen.budget.source, options.force)
         if recipe.train.gpu_memory_gib is not None and not options.dry_run:
             gpu_budget.apply_cap(recipe.train.gpu_memory_gib)
-    elif recipe.train.device != "cpu":
+    elif recipe.train.device == "cuda":
         unchecked.append("free GPU memory: there is no GPU here; " + (
             f"planned for {chosen.budget.source}" if chosen.budget.gib is not None
             else "pass --gpu-memory GIB to plan for a card"))
@@ -208,7 +211,7 @@ def _memory_report(recipe: Recipe, predicted, chosen: auto_settings.Plan, device
     return format_estimate(predicted, chosen.budget.gib)
 
 
-def _settle_auto(recipe: Recipe, options: RunOptions, launch: Launch, device: str, shape):
+def _settle_auto(recipe: Recipe, options: RunOptions, launch: Launch | None, device: str, shape):
     """Plan the `auto` settings for this GPU: under the cap (--gpu-memory, else train.gpu_memory_gib) or the free
     memory. A dry run on a machine without a GPU plans for the GPU the recipe is written for."""
     if options.gpu_memory is not None:

@@ -29,8 +29,12 @@ def known_architectures() -> list[str]:
 
 
 @cache
+def architecture_text(name: str) -> str:
+    return (HERE / f"{name}.json").read_text(encoding="utf-8")
+
+
 def _raw(name: str) -> dict:
-    return json.loads((HERE / f"{name}.json").read_text(encoding="utf-8"))
+    return json.loads(architecture_text(name))
 
 
 def architecture_for(name_or_hub_id: str) -> str | None:
