@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from qlora_trainer.console import quiet_libraries
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", parents=[common], help="train a recipe (the default command)")
     _add_recipe_args(train)
-    train.add_argument("--output-dir", type=Path, help="run directory (default runs/<recipe>-<time>)")
+    train.add_argument("--output-dir", type=path_arg, help="run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
     train.add_argument("--dry-run", action="store_true", help="check the recipe, the rows and the tokenizer as the run "
                        "would, print the plan and the estimate, and say what could not be checked here; load no weights")
@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--json", action="store_true", help="print the contract's JSON instead of a table")
 
     exp = sub.add_parser("export", parents=[common], help="merge an adapter into its base and write fp16/bf16 safetensors")
-    exp.add_argument("source", type=Path, help="run directory or adapter directory")
-    exp.add_argument("--output", type=Path, required=True, help="directory to write (must not exist unless --force)")
+    exp.add_argument("source", type=path_arg, help="run directory or adapter directory")
+    exp.add_argument("--output", type=path_arg, required=True, help="directory to write (must not exist unless --force)")
     exp.add_argument("--dtype", choices=["float16", "bfloat16"], help="dtype of the export (default: the recipe's export.dtype, else float16)")
     exp.add_argument("--base-weights", choices=["dequantized", "original"], default="dequantized",
                      help="merge into the NF4-rounded weights training saw (default, exact) or the original 16-bit ones")
@@ -101,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace an existing --output")
 
     gen = sub.add_parser("generate", parents=[common], help="generate text from a run, an adapter or a merged export")
-    gen.add_argument("source", type=Path, help="run directory, adapter directory or merged export")
+    gen.add_argument("source", type=path_arg, help="run directory, adapter directory or merged export")
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help=r"one prompt; write a line break as \n, e.g. 'Tweet: late again\nLabel:'")
-    prompts.add_argument("--file", type=Path, help=r"a text file with one prompt per line (line breaks as \n), or a "
+    prompts.add_argument("--file", type=path_arg, help=r"a text file with one prompt per line (line breaks as \n), or a "
                          ".jsonl file of rows with a prompt field, such as training's prompt/completion data")
     gen.add_argument("--base", help="base model for an adapter (default: the one it names)")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt at most")
@@ -132,41 +132,71 @@ def main(argv: list[str] | None = None) -> int:
     first = next((arg for arg in given if arg != "--debug"), None)
     args = build_parser().parse_args(given if first in COMMANDS + ("-h", "--help") else ["train", *given])
     quiet_libraries()
+    commands = {"train": _train, "estimate": _estimate, "export": _export, "generate": _generate, "recipes": _recipes,
+                "keys": _keys}
+    return boundary(lambda: commands[args.command](check_path_flags(args, PATH_FLAGS)), args.debug, given,
+                    flag_values(args, PATH_FLAGS))
+
+
+# The flags whose value is a path (or, for --recipe, --model and --base, a name or a path): argparse dest -> flag.
+PATH_FLAGS = {"recipe": "--recipe", "output_dir": "--output-dir", "source": "SOURCE", "output": "--output",
+              "file": "--file", "base": "--base", "model": "--model"}
+
+
+def path_arg(text: str) -> Path | str:
+    """argparse type of a path flag. Path('') is '.', the current directory: a blank value stays text, for
+    check_path_flags to refuse by name."""
+    return Path(text) if text.strip() else text
+
+
+def check_path_flags(args: argparse.Namespace, flags: dict[str, str]) -> argparse.Namespace:
+    """Refuse a path flag that is blank or that no command could use (too long, a symlink loop), naming it."""
+    from qlora_trainer.files.given_paths import check_given
+
+    for dest, flag in flags.items():
+        check_given(getattr(args, dest, None), flag)
+    return args
+
+
+def flag_values(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object]:
+    """flag -> the value given, for naming the flag an OS error's path came from."""
+    return {flag: getattr(args, dest) for dest, flag in flags.items() if getattr(args, dest, None) is not None}
+
+
+def boundary(command: Callable[[], int], debug: bool, argv: list[str], flags: dict[str, object] | None = None,
+             prog: str = "qlora-trainer") -> int:
+    """Run `command` and turn whatever it raises into one `PROG: error:` line and an exit code. The command line
+    and the tools (tools/measure_vram.py, tools/bench_speed.py) share it; `flags` (flag -> value) lets an OS
+    error on a given path name its flag."""
     try:
-        commands = {"train": _train, "estimate": _estimate, "export": _export, "generate": _generate, "recipes": _recipes,
-                    "keys": _keys}
-        return commands[args.command](args)
+        return command()
     except KeyboardInterrupt:
-        print("qlora-trainer: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (`... | head`): nothing to report, and no one to report it to
         _silence_stdout()
         return EXIT_FAILURE
     except Exception as err:  # noqa: BLE001 - the boundary: every error becomes one line (exit 2 or 1)
-        return _fail(err, args.debug, given)
+        return _fail(err, debug, argv, flags or {}, prog)
 
 
-# OS errors on a path that was given to us: the path and the reason are the whole story, so it is bad input.
-# (ENOENT is not here: a missing input is checked where it enters; a missing file later on is our bug.)
-PATH_ERRNOS = {errno.EACCES: "check its permissions or choose another path", errno.EPERM:
-               "check its permissions or choose another path", errno.EROFS: "it is on a read-only file system; "
-               "choose another path", errno.EISDIR: "it is a directory where a file is expected",
-               errno.ENOTDIR: "a part of the path is a file, not a directory"}
-
-
-def _fail(err: Exception, debug: bool, argv: list[str]) -> int:
-    """Report an error that reached the boundary: ours as they are, a path's OS error as bad input (exit 2),
-    anything else as an internal error (exit 1) whose traceback is saved (error_log.py) and printed with --debug."""
+def _fail(err: Exception, debug: bool, argv: list[str], flags: dict[str, object], prog: str) -> int:
+    """Report an error that reached the boundary: ours as they are, an OS error on a given path as bad input
+    (exit 2, naming its flag), anything else as an internal error (exit 1) whose traceback is saved
+    (error_log.py) and printed with --debug."""
     import traceback
+
+    from qlora_trainer.files.given_paths import os_error_line
 
     if debug:
         traceback.print_exception(err, file=sys.stderr)
-    if isinstance(err, OSError) and err.filename and err.errno in PATH_ERRNOS:
-        err = UserError(f"{err.filename}: {err.strerror}; {PATH_ERRNOS[err.errno]}")
+    line = os_error_line(err, flags) if isinstance(err, OSError) else None
+    if line is not None:
+        err = UserError(line)
     if isinstance(err, (UserError, TrainingFailed)):
-        _report(err)
+        _report(err, prog)
         return err.exit_code
-    _report(_internal(err, argv))
+    _report(_internal(err, argv), prog)
     return InternalError.exit_code
 
 
@@ -199,7 +229,7 @@ def _silence_stdout() -> None:
         pass
 
 
-def _report(err: Exception) -> None:
+def _report(err: Exception, prog: str) -> None:
     """One line on stderr. Under a multi-process launch an error all processes agreed on is printed once, by the
     main process; an error only one process met is printed by it, naming it."""
     from qlora_trainer.distributed import current_launch
@@ -209,7 +239,7 @@ def _report(err: Exception) -> None:
         if getattr(err, "agreed", False):
             return
         err = f"process {launch.rank}: {err}"
-    print(f"qlora-trainer: error: {one_line(str(err))}", file=sys.stderr)
+    print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
 
 
 def _train(args) -> int:

@@ -57,6 +57,21 @@ def demo_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """An untrained LoRA adapter on the tiny model, saved as PEFT saves one (it names its base): enough for every
+    way export and generate read an adapter, without training."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    target = tmp_path_factory.mktemp("adapter") / "adapter"
+    peft.save_pretrained(target, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
+    return target
+
+
 def pytest_collection_modifyitems(items):
     """A test that needs the demo run waits for a whole training run: it belongs to the slow end-to-end set
     (`-m slow`), like the tests marked by hand."""

@@ -21,21 +21,6 @@ from qlora_trainer.cli import main
 from qlora_trainer.errors import TrainingFailed
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """An untrained LoRA adapter on the tiny model, saved as PEFT saves one (it names its base): enough for every
-    way export and generate read an adapter, without training."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    target = tmp_path_factory.mktemp("adapter") / "adapter"
-    peft.save_pretrained(target, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
-    return target
-
-
 def recipe_for(tmp_path: Path, model_dir: Path) -> Path:
     return tiny_recipe(tmp_path / "recipe.yaml", model_dir)
 

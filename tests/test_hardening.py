@@ -7,6 +7,8 @@ Then the behaviour that changed for good input: BOM files, --set SECTION={...}, 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -474,7 +476,8 @@ def test_an_adapter_set_refuses_a_base_with_other_weights(demo_run, other_base):
 def test_resume_with_a_base_of_other_weights_is_refused(ws, demo_run, other_base):
     """A resumed run must continue on the weights it started on."""
     ws.run.mkdir()
-    shutil.copy(demo_run / "base_fingerprint.json", ws.run / "base_fingerprint.json")
+    for name in ("base_fingerprint.json", "estimate.json"):
+        shutil.copy(demo_run / name, ws.run / name)
     path = ws.recipe(model={"name_or_path": str(other_base)})
     shutil.copy(path, ws.run / "recipe.yaml")
     refused_cleanly(ws.train(path, "--resume"), 2, "has other weights", [ws.run, other_base, path])
@@ -624,3 +627,397 @@ def test_an_export_follows_the_umask(demo_run, tmp_path, umask):
     assert found["."] == 0o777 & ~umask
     assert found["model.safetensors"] == found["config.json"] == found["README.md"] == 0o666 & ~umask
     assert set(found.values()) == {0o777 & ~umask, 0o666 & ~umask}
+
+
+# ================================================================ issue 24: silent outcomes, races, OS limits, tools
+# Each class is fixed at its root: a path from any flag or key is checked where it enters (blank, too long, a
+# symlink loop), an OS error met later names the flag its path came from, data.columns must name real columns,
+# --resume only continues a run, saved files are read by the one-line readers, the final move of an export never
+# replaces an output that appeared meanwhile, a run holds its directory, and the tools share the CLI's boundary.
+
+LONG = "n" * 300  # longer than any file system's name limit (255)
+
+
+def path_cases(ws) -> list[tuple[list[str], str]]:
+    """(command line, the flag its one line must name): every path flag, blank, too long and a symlink loop."""
+    loop = ws.root / "loop"
+    loop.symlink_to(loop)
+    recipe = str(ws.recipe())
+    cases = []
+    for value in ("", " ", LONG, f"{ws.root}/{LONG}/x", str(loop), f"{loop}/x"):
+        cases += [
+            (["--recipe", recipe, "--output-dir", value], "--output-dir"),
+            (["--recipe", recipe, "--output-dir", value, "--resume"], "--output-dir"),
+            (["export", str(ws.model), "--output", value], "--output"),
+            (["export", value, "--output", str(ws.root / "out")], "SOURCE"),
+            (["generate", value, "--prompt", "hi"], "SOURCE"),
+            (["generate", str(ws.model), "--file", value], "--file"),
+            (["export", str(ws.model), "--output", str(ws.root / "out"), "--base", value], "--base"),
+            (["estimate", "--model", value], "--model"),
+            (["--recipe", value], "--recipe"),
+        ]
+    return cases
+
+
+def test_every_path_flag_is_refused_blank_too_long_or_looping_naming_the_flag(ws, monkeypatch):
+    """No path flag is ever read as the current directory, or reaches a library with a bare errno."""
+    monkeypatch.chdir(ws.root)
+    (ws.root / "recipe.yaml").write_text("the user's own file\n")  # what `--output-dir "" --resume` overwrote
+    for argv, flag in path_cases(ws):
+        refused_cleanly(argv, 2, flag, ws.watch(ws.root / "recipe.yaml", ws.root / "out"))
+
+
+@pytest.mark.parametrize("value,reason", [("", "is empty (an unset shell variable?)"), ("  ", "is empty"),
+                                          (LONG, "File name too long; a name in it is longer"),
+                                          ("loop", "Too many levels of symbolic links; it goes round a loop")])
+def test_the_line_says_why_a_path_flag_is_refused_and_what_to_do(ws, monkeypatch, value, reason):
+    monkeypatch.chdir(ws.root)
+    (ws.root / "loop").symlink_to(ws.root / "loop")
+    line = refused_cleanly(ws.train(ws.recipe(), "--output-dir", value), 2, reason, ws.watch())
+    assert "--output-dir" in line
+
+
+PATH_KEYS = [  # (sections merged over the tiny recipe, fragment)
+    ({"data": {"path": LONG + ".jsonl"}}, "data.path"),
+    ({"data": {"eval_path": f"/tmp/{LONG}/e.jsonl"}}, "File name too long"),
+    ({"model": {"name_or_path": "/" + LONG}}, "model.name_or_path"),
+    ({"data": {"path": "bad\0name.jsonl"}}, "NUL character"),
+    ({"distributed": {"strategy": "ddp", "num_gpus": 2, "accelerate_config": ""}}, "distributed.accelerate_config"),
+    ({"distributed": {"strategy": "ddp", "num_gpus": 2, "accelerate_config": " "}}, "is empty"),
+]
+
+
+@pytest.mark.parametrize("sections,fragment", PATH_KEYS, ids=[f"{s}"[:50] for s, _ in PATH_KEYS])
+def test_every_path_key_is_refused_blank_or_unusable(ws, sections, fragment):
+    path = ws.recipe(**sections)
+    refused_cleanly(ws.train(path), 2, fragment, ws.watch(path))
+
+
+def test_an_os_error_met_later_on_a_given_path_names_its_flag(tmp_path):
+    """The boundary's mapping: an OS error on the flag's path, inside it or on a parent of it names the flag."""
+    import errno
+
+    from qlora_trainer.cli import boundary
+
+    flags = {"--output-dir": tmp_path / "run", "--recipe": "tiny-demo"}
+    cases = [(OSError(errno.ENAMETOOLONG, "File name too long", str(tmp_path / "run" / "x")),
+              f"--output-dir {tmp_path / 'run'}: {tmp_path / 'run' / 'x'}: File name too long; a name in it"),
+             (OSError(errno.ELOOP, "Too many levels of symbolic links", str(tmp_path / "run")),
+              f"--output-dir {tmp_path / 'run'}: Too many levels"),
+             (PermissionError(errno.EACCES, "Permission denied", str(tmp_path)), "--output-dir"),
+             (OSError(errno.ENAMETOOLONG, "File name too long", "/elsewhere/y"), "/elsewhere/y: File name too long")]
+    for error, fragment in cases:
+        def fail():
+            raise error
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert boundary(fail, False, [], flags) == 2
+        assert err.getvalue().count("\n") == 1 and fragment in err.getvalue(), err.getvalue()
+
+
+PATH_TEXT = st.one_of(st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=12),
+                      st.text(alphabet="ab/. ", max_size=40), st.text(alphabet="ab", min_size=250, max_size=600),
+                      st.lists(st.text(alphabet="abc", min_size=1, max_size=300), min_size=1, max_size=3).map("/".join))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(PATH_TEXT)
+def test_property_any_output_path_is_refused_cleanly_or_used(tmp_path, monkeypatch, value):
+    """Whatever --output is (blank, long, odd characters, deep), an export of a missing source ends in exit 2 with
+    one line, blames the flag when the OS cannot use the path, and creates nothing."""
+    from qlora_trainer.files.given_paths import unusable
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    if value.strip() and unusable(value) is None:
+        fragment = "already exists" if Path(value).exists() else "does not exist"
+    else:
+        fragment = "--output"
+    line = refused_cleanly(["export", str(tmp_path / "no-such-run"), "--output", value], 2, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, line
+
+
+# ---------------------------------------------------------------- data.columns
+
+
+def test_a_mapping_to_a_missing_column_is_refused_even_when_our_names_exist(ws):
+    """The rows have prompt/completion and no `question`: the mapping used to be ignored, training on `prompt`."""
+    path = ws.recipe(data={"columns": {"prompt": "question"}})
+    line = refused_cleanly(ws.train(path), 2, "data.columns maps prompt to column 'question'", ws.watch(path))
+    assert "prompt, completion" in line and str(ws.data) in line
+    eval_rows = ws.root / "eval.jsonl"
+    eval_rows.write_text(jsonl([{"question": "q", "prompt": "p", "completion": "c"}] * 2), encoding="utf-8")
+    data = ws.root / "q.jsonl"
+    data.write_text(jsonl([{"question": r["prompt"], "completion": r["completion"]} for r in ROWS]), encoding="utf-8")
+    mapped = ws.recipe(name="mapped.yaml", data={"path": str(data), "columns": {"prompt": "question", "completion": "a"}})
+    refused_cleanly(ws.train(mapped), 2, "completion to column 'a'", ws.watch(mapped, data))
+
+
+COLUMN = st.sampled_from(["prompt", "completion", "q", "a", "text", "extra"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.dictionaries(COLUMN, st.text(alphabet="xyz ", min_size=1, max_size=5), min_size=1), min_size=1,
+                max_size=4),
+       st.dictionaries(st.sampled_from(["prompt", "completion", "text"]), COLUMN, max_size=3))
+def test_property_a_mapping_takes_each_field_from_its_column_or_is_refused(tmp_path, rows, columns):
+    """Each mapped field holds its column's value (also when two fields share one or swap), every other column
+    is kept, and a mapping that names a column no row has is refused, naming data.columns."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(jsonl(rows), encoding="utf-8")
+    section = validate({"model": {"name_or_path": "m"}, "data": {"path": str(path), "columns": columns,
+                                                                  "format": "text"}}, "t").data
+    present = {key for row in rows for key in row}
+    from qlora_trainer.dataset.data import _read_source
+
+    try:
+        raw = _read_source(str(path), section, "path")
+    except UserError as err:
+        assert any(theirs not in present for theirs in columns.values()) and "data.columns maps" in str(err)
+        return
+    assert all(theirs in present for theirs in columns.values())
+    for (_, got, _), row in zip(raw.rows, rows):
+        expected = {k: v for k, v in row.items() if k not in columns.values()}
+        for ours, theirs in columns.items():
+            if theirs in row:
+                expected[ours] = row[theirs]
+            else:
+                expected.pop(ours, None)
+        assert got == expected
+
+
+# ---------------------------------------------------------------- --set is blamed, not the recipe file
+
+
+@pytest.mark.parametrize("override,fragment", BAD_SETS, ids=[o for o, _ in BAD_SETS])
+def test_a_bad_set_names_the_set_not_the_recipe_file(ws, override, fragment):
+    path = ws.recipe(train={"seq_len": 64, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 2,
+                            "device": "cpu", "seed": 7, "gpu_memory_gib": 8})
+    line = refused_cleanly(ws.train(path, "--set", override), 2, fragment, ws.watch(path))
+    assert str(path) not in line and "(line" not in line, line
+
+
+def test_a_file_problem_beside_a_set_problem_keeps_the_file_and_its_line(ws):
+    path = ws.recipe("model: {name_or_path: M}\ndata: {path: D}\nlora: {r: 0}\n".replace("M", str(ws.model))
+                     .replace("D", str(ws.data)))
+    line = refused_cleanly(ws.train(path, "--set", "train.seed=-1"), 2, "2 problems", ws.watch(path))
+    assert f"{path}: 2 problems: lora.r (line 3)" in line and "--set train.seed=-1: train.seed" in line
+    section = refused_cleanly(ws.train(path, "--set", "lora.r=4", "--set", "train={max_steps: 0}"), 2,
+                              "--set train={max_steps: 0}: train.max_steps must be", ws.watch(path))
+    assert str(path) not in section
+
+
+# ---------------------------------------------------------------- --resume: only a run, read with one-line readers
+
+
+def test_resume_refuses_a_directory_that_is_not_a_run(ws, monkeypatch):
+    """`--output-dir . --resume` in a project directory used to train into it and replace its recipe.yaml."""
+    project = ws.root / "project"
+    project.mkdir()
+    (project / "recipe.yaml").write_text("my own notes\n")
+    monkeypatch.chdir(project)
+    refused_cleanly(["--recipe", str(ws.recipe()), "--output-dir", ".", "--resume"], 2,
+                    "is not a run directory (no estimate.json", ws.watch(project))
+
+
+@pytest.mark.parametrize("saved,fragment", [("model: {name_or_path: [unclosed\n", "YAML syntax error"),
+                                            ("- a list\n", "holds a YAML list"),
+                                            ("model: {a: 1}\nmodel: {a: 2}\n", "given twice"),
+                                            (b"\xff\xfe", "not UTF-8")])
+def test_resume_names_a_damaged_saved_recipe(ws, saved, fragment):
+    ws.run.mkdir()
+    (ws.run / "recipe.yaml").write_bytes(saved if isinstance(saved, bytes) else saved.encode())
+    (ws.run / "estimate.json").write_text("{}")
+    path = ws.recipe()
+    line = refused_cleanly(ws.train(path, "--resume"), 2, fragment, [ws.run, path])
+    assert str(ws.run / "recipe.yaml") in line and "copy the recipe the run was started with" in line
+
+
+# ---------------------------------------------------------------- two runs into one --output-dir
+
+
+def test_a_run_directory_in_use_by_another_run_is_refused_and_left_alone(ws):
+    from qlora_trainer.files.staging import held
+
+    ws.run.mkdir()
+    for resume in ([], ["--resume"]):
+        if resume:
+            (ws.run / "recipe.yaml").write_text("model: {}\n")
+            (ws.run / "estimate.json").write_text("{}")
+        with held(ws.run):  # another run, in this process or any other
+            refused_cleanly(ws.train(ws.recipe(), *resume), 2, "is in use by another run", ws.watch())
+
+
+def test_a_run_refused_for_a_directory_made_meanwhile_removes_nothing_of_it(ws):
+    """The directory did not exist when the run began; another run made and filled it before this one claimed it:
+    refusing must not take away what the other run wrote (the run used to remove what it had meant to make)."""
+    from contextlib import ExitStack
+
+    from qlora_trainer.files.run_dir import prepare_run_dir
+
+    ws.run.mkdir()
+    (ws.run / "recipe.yaml").write_text("the other run's\n")
+    with ExitStack() as hold, pytest.raises(UserError, match="not empty"):
+        prepare_run_dir(ws.run, False, hold)
+    assert (ws.run / "recipe.yaml").read_text() == "the other run's\n"
+
+
+def test_parents_made_by_a_failed_export_keep_what_another_export_wrote(tmp_path):
+    from qlora_trainer.files.made_dirs import make_dirs, remove_empty
+
+    made = make_dirs(tmp_path / "a" / "b")
+    assert made == [tmp_path / "a" / "b", tmp_path / "a"]
+    assert make_dirs(tmp_path / "a" / "b") == []  # another process's view: nothing of it is theirs
+    (tmp_path / "a" / "b" / "other-export").mkdir()
+    remove_empty(made)
+    assert (tmp_path / "a" / "b" / "other-export").is_dir()
+
+
+def assert_one_won(results, winners_fragments, losers_fragments):
+    codes = sorted(r.returncode for r in results)
+    assert codes == [0, 2], [(r.returncode, r.stderr[-1500:]) for r in results]
+    loser = next(r for r in results if r.returncode == 2)
+    lines = [line for line in loser.stderr.splitlines() if line.startswith("qlora-trainer: error:")]
+    assert len(lines) == 1 and "Traceback" not in loser.stderr, loser.stderr[-2000:]
+    assert any(fragment in lines[0] for fragment in losers_fragments), lines[0]
+
+
+def start_together(*argvs: list[str]) -> list:
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    procs = [subprocess.Popen([sys.executable, "-m", "qlora_trainer", *argv], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv in argvs]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_into_one_output_dir(tiny_model_dir, tmp_path):
+    """Exactly one trains; the other is refused with one line and takes away nothing of the winner's run."""
+    from helpers import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", tiny_model_dir, train={"max_steps": 2})
+    run = tmp_path / "runs" / "shared"
+    results = start_together(*[["--recipe", str(recipe), "--output-dir", str(run)]] * 2)
+    assert_one_won(results, [], ["is in use by another run", "already exists and is not empty",
+                                 "already holds a finished run"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- two exports into one --output
+
+
+def test_an_output_that_appears_while_exporting_is_refused_not_replaced(adapter_dir, tmp_path, monkeypatch):
+    """The output is checked at the start and again, atomically, by the final move: another export that
+    finished first is kept, and this one leaves nothing (no staging directory, no parent it made)."""
+    import qlora_trainer.deploy.export as export_module
+
+    out = tmp_path / "new" / "out"
+    original = export_module._write_model_card
+
+    def another_export_finishes_first(target, *args):
+        out.mkdir()
+        (out / "model.safetensors").write_text("the other export")
+        original(target, *args)
+
+    monkeypatch.setattr(export_module, "_write_model_card", another_export_finishes_first)
+    refused_cleanly(["export", str(adapter_dir), "--output", str(out), "--no-verify"], 2,
+                    "appeared while this export ran", [])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "the other export"
+    shutil.rmtree(out)
+    assert main(["export", str(adapter_dir), "--output", str(out), "--no-verify", "--force"]) == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").read_bytes() != b"the other export"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
+def test_the_final_move_claims_the_output_atomically(tmp_path):
+    from qlora_trainer.files.staging import rename_no_replace
+
+    source = tmp_path / "staging"
+    source.mkdir()
+    (source / "f").write_text("x")
+    for existing in ("empty-dir", "file", "link"):
+        target = tmp_path / existing
+        {"empty-dir": target.mkdir, "file": lambda: target.write_text("y"),
+         "link": lambda: target.symlink_to(tmp_path / "nowhere")}[existing]()
+        with pytest.raises(FileExistsError):
+            rename_no_replace(source, target)
+        assert (source / "f").read_text() == "x" and (target.is_symlink() or target.exists())
+    rename_no_replace(source, tmp_path / "out")
+    assert (tmp_path / "out" / "f").read_text() == "x" and not source.exists()
+
+
+@pytest.mark.slow
+def test_two_exports_started_together_into_one_output(adapter_dir, tmp_path):
+    out = tmp_path / "merged"
+    results = start_together(*[["export", str(adapter_dir), "--output", str(out), "--no-verify"]] * 2)
+    assert_one_won(results, [], ["appeared while this export ran", "already exists"])
+    assert {"config.json", "model.safetensors", "export.json", "README.md"} <= {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"], "no staging directory is left"
+
+
+# ---------------------------------------------------------------- the tools share the boundary
+
+
+def load_tool(name: str):
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TOOL_CASES = [
+    ("measure_vram", ["--arch", "llama-99b", "--device", "cpu"], 2, "--arch 'llama-99b' is not a known architecture"),
+    ("measure_vram", ["--arch", "llama2-7b", "--device", "cpu"], 2, "did you mean llama-2-7b?"),
+    ("measure_vram", ["--device", "cpu", "--config-override", "{bad"], 2, "--config-override is not JSON"),
+    ("measure_vram", ["--device", "cpu", "--config-override", "[1]"], 2, "holds a JSON list"),
+    ("measure_vram", ["--device", "cpu", "--workdir", ""], 2, "--workdir is empty"),
+    ("measure_vram", ["--device", "cpu", "--out", LONG], 2, "--out"),
+    ("bench_speed", ["--device", "cpu", "--arch", "nope"], 2, "--arch 'nope' is not a known architecture"),
+    ("bench_speed", ["--device", "cpu", "--runs", "ours-auto,theirs"], 2, "unknown run 'theirs'"),
+    ("bench_speed", ["--device", "cpu", "--unsloth-path", " "], 2, "--unsloth-path is empty"),
+]
+
+
+@pytest.mark.parametrize("tool,argv,code,fragment", TOOL_CASES, ids=[f"{t}:{' '.join(a)[:40]}" for t, a, _, _ in TOOL_CASES])
+def test_the_tools_refuse_bad_input_with_one_line(tool, argv, code, fragment, monkeypatch, capsys, tmp_path):
+    import sys
+
+    module = load_tool(tool)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", *argv])
+    monkeypatch.chdir(tmp_path)
+    assert module.main() == code
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith(f"{tool}: error:")]
+    assert len(lines) == 1 and fragment in lines[0], captured.err[-2000:]
+    assert "Traceback" not in captured.err + captured.out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unexpected_error_in_a_tool_is_one_line_with_its_traceback_saved(monkeypatch, capsys, tmp_path):
+    import sys
+
+    module = load_tool("measure_vram")
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(module, "measure", broken)
+    monkeypatch.setattr(sys, "argv", ["measure_vram.py", "--device", "cpu", "--arch", "llama-2-7b",
+                                      "--out", str(tmp_path / "r.jsonl")])
+    assert module.main() == 1
+    err = capsys.readouterr().err
+    assert err.count("measure_vram: error: internal error: KeyError") == 1 and "Traceback" not in err

@@ -40,6 +40,9 @@ PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "RTX 4090": 1
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4, "vocab_size": 320}
 UNSLOTH_MICRO_BATCHES = (1, 2, 4, 8)
+RUNS = ("ours-auto", "ours-mb1", "trl-peft", "unsloth")
+# Path flags, refused when blank or unusable as the command line's are: argparse dest -> flag.
+PATH_FLAGS = {"workdir": "--workdir", "out": "--out", "unsloth_path": "--unsloth-path"}
 
 
 # ---------------------------------------------------------------- the runs, each in its own process
@@ -229,7 +232,9 @@ def ratios(results: list[dict]) -> dict:
     return found
 
 
-def main() -> None:
+def main() -> int:
+    from qlora_trainer.cli import boundary, flag_values, path_arg
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--arch", default="llama-2-7b", help="architecture file for the random weights")
@@ -239,17 +244,32 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step, the same for every run")
     parser.add_argument("--runs", default="ours-auto,ours-mb1,trl-peft,unsloth")
     parser.add_argument("--unsloth-path", help="a pip --target directory holding Unsloth and its pins")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "qlora-bench")
-    parser.add_argument("--out", type=Path, help="result JSON (default benchmarks/speed/<gpu>-<cap>-<date>.json)")
+    parser.add_argument("--workdir", type=path_arg, default=Path(tempfile.gettempdir()) / "qlora-bench")
+    parser.add_argument("--out", type=path_arg, help="result JSON (default benchmarks/speed/<gpu>-<cap>-<date>.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--rows", help=argparse.SUPPRESS)
     parser.add_argument("--micro-batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", help="on an error, also print the full traceback")
     args = parser.parse_args()
+    return boundary(lambda: run(args), args.debug, sys.argv[1:], flag_values(args, PATH_FLAGS), prog="bench_speed")
+
+
+def run(args) -> int:
+    from qlora_trainer.cli import check_path_flags
+    from qlora_trainer.errors import UserError
+    from qlora_trainer.loading.architectures import check_known
+
     if args.child:
         {"trl-peft": child_trl_peft, "unsloth": child_unsloth}[args.child](args, args.weights, args.rows, str(args.out))
-        return
+        return 0
+    check_path_flags(args, PATH_FLAGS)
+    check_known(args.arch, "--arch")
+    unknown = [name for name in args.runs.split(",") if name not in RUNS]
+    if unknown:
+        raise UserError(f"--runs {args.runs}: unknown run {unknown[0]!r}; the runs are {', '.join(RUNS)} (comma-separated)")
     bench(args)
+    return 0
 
 
 def bench(args) -> None:
@@ -258,7 +278,9 @@ def bench(args) -> None:
     from qlora_trainer.estimate.memory_report import shape_for_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_speed: no CUDA GPU here; pass --device cpu for the smoke version")
+        from qlora_trainer.errors import WontFitError
+
+        raise WontFitError("no CUDA GPU here; pass --device cpu for the smoke version")
     overrides = TINY if args.device == "cpu" else {}
     if args.device == "cpu":
         args.seq_len, args.steps, args.global_batch = min(args.seq_len, 64), min(args.steps, 3), min(args.global_batch, 4)
@@ -301,4 +323,4 @@ def unsloth_runs(args, weights: Path, rows: Path, work: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -165,7 +165,9 @@ def _measured(sampler, predicted_bytes: int) -> dict:
     sampler.stop()
     snap = sampler.snapshot()
     if snap["nvidia_smi"] is None:
-        raise SystemExit(f"measure_vram: no per-process figure from NVML: {sampler.process.reason}")
+        from qlora_trainer.errors import TrainingFailed
+
+        raise TrainingFailed(f"no per-process figure from NVML: {sampler.process.reason}")
     error = 100 * (predicted_bytes / GIB - snap["nvidia_smi"]) / snap["nvidia_smi"]
     return {"nvidia_smi_gib": snap["nvidia_smi"], "torch_peak_reserved_gib": snap["peak_reserved"],
             "torch_peak_allocated_gib": snap["peak_allocated"], "non_allocator_gib": snap["non_allocator"],
@@ -201,7 +203,28 @@ def _command(cfg: dict, args) -> list[str]:
     return cmd + (["--cap", str(cfg["cap"])] if cfg["cap"] else [])
 
 
-def main() -> None:
+# Path flags, refused when blank or unusable as the command line's are: argparse dest -> flag.
+PATH_FLAGS = {"workdir": "--workdir", "out": "--out"}
+
+
+def config_override(text: str) -> dict:
+    """--config-override: a JSON object of config.json changes."""
+    from qlora_trainer.errors import UserError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--config-override is not JSON ({err.msg} at column {err.colno}); give an object such as "
+                        "'{\"num_hidden_layers\": 2}'") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--config-override holds a JSON {type(value).__name__}; give an object such as "
+                        "'{\"num_hidden_layers\": 2}'")
+    return value
+
+
+def main() -> int:
+    from qlora_trainer.cli import boundary, flag_values, path_arg
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="llama-2-7b")
     parser.add_argument("--rank", type=int, default=8)
@@ -217,28 +240,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--config-override", default="{}", help="JSON of config changes, e.g. to shrink a model for a CPU smoke run")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-vram"))
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "vram" / "results.jsonl")
+    parser.add_argument("--workdir", type=path_arg, default=Path("/tmp/qlora-vram"))
+    parser.add_argument("--out", type=path_arg, default=REPO / "benchmarks" / "vram" / "results.jsonl")
     parser.add_argument("--grid", action="store_true", help="run the grid, each configuration in a fresh process")
     parser.add_argument("--jobs", type=int, default=1, help="with --grid: configurations run at once on the GPU")
+    parser.add_argument("--debug", action="store_true", help="on an error, also print the full traceback")
     args = parser.parse_args()
+    return boundary(lambda: run(args), args.debug, sys.argv[1:], flag_values(args, PATH_FLAGS), prog="measure_vram")
+
+
+def run(args) -> int:
+    from qlora_trainer.cli import check_path_flags
+    from qlora_trainer.loading.architectures import check_known
+
+    check_path_flags(args, PATH_FLAGS)
+    check_known(args.arch, "--arch")
+    overrides = config_override(args.config_override)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.grid:
         run_grid(args)
-        return
+        return 0
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise SystemExit("measure_vram: no CUDA GPU here; pass --device cpu for a smoke run of the code path")
+            from qlora_trainer.errors import WontFitError
+
+            raise WontFitError("no CUDA GPU here; pass --device cpu for a smoke run of the code path")
     cfg = {"arch": args.arch, "rank": args.rank, "seq_len": args.seq_len, "batch_size": args.batch_size,
            "checkpointing": not args.no_checkpointing, "attn": args.attn, "offload": args.offload,
            "kernels": args.kernels, "packing": args.packing, "lora_dropout": args.lora_dropout, "cap": args.cap}
-    result = measure(cfg, args.device, args.steps, args.workdir, json.loads(args.config_override))
+    result = measure(cfg, args.device, args.steps, args.workdir, overrides)
     with args.out.open("a", encoding="utf-8") as handle:  # one line per process, appended whole
         handle.write(json.dumps(result) + "\n")
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from qlora_trainer.files.given_paths import unusable
+
 DEMO_MODEL_PREFIX = "demo:"
 
 
@@ -18,9 +20,13 @@ class _Section(BaseModel):
 
 
 def _not_blank(value: str | None) -> str | None:
-    # An unset shell variable gives an empty path, which Path() would read as the current directory.
+    # An unset shell variable gives an empty path, which Path() would read as the current directory; a path the OS
+    # cannot use at all (too long, a symlink loop) would fail later with a bare errno.
     if value is not None and not value.strip():
         raise ValueError("is empty; give a path or a hub id (an unset shell variable?)")
+    problem = unusable(value) if value is not None else None
+    if problem is not None:
+        raise ValueError(f"{value}: {problem}")
     return value
 
 
@@ -241,6 +247,11 @@ class DistributedSection(_Section):
     accelerate_config: str | None = Field(
         None, description="accelerate config to launch with: a file in recipes/accelerate/ (e.g. fsdp-qlora.yaml) or a path."
     )
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        return _not_blank(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> DistributedSection:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from qlora_trainer.config.recipe import Recipe
 from qlora_trainer.errors import UserError
+from qlora_trainer.files.given_paths import unusable
 
 # ---------------------------------------------------------------- locating recipes
 
@@ -79,22 +80,48 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> tuple[Recipe, P
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a YAML mapping of sections (model, data, train, ...), got {type(raw).__name__}")
     _resolve_relative_paths(raw, path.parent)
+    overridden: dict[tuple[str, ...], str] = {}
     for item in overrides:  # after resolving, so a path given with --set stays relative to the working directory
-        _apply_override(raw, item)
-    return validate(raw, source=str(path), lines=lines), path
+        overridden.update(dict.fromkeys(_apply_override(raw, item), item))
+    return validate(raw, source=str(path), lines=lines, overridden=overridden), path
 
 
-def validate(raw: dict, source: str, lines: dict[tuple[str, ...], int] | None = None) -> Recipe:
+def validate(raw: dict, source: str, lines: dict[tuple[str, ...], int] | None = None,
+             overridden: dict[tuple[str, ...], str] | None = None) -> Recipe:
+    """The Recipe, or one UserError naming every problem: by key and line in `source`, or by the `--set` that gave
+    the value (`overridden`: key path -> the --set item), since the file has nothing to fix there."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        problems = list(dict.fromkeys(_describe(e, lines or {}) for e in err.errors()))
+        found = [_describe(e, lines or {}, overridden or {}) for e in err.errors()]
+        problems = list(dict.fromkeys(text for text, _ in found))
         count = f"{len(problems)} problems: " if len(problems) > 1 else ""
-        raise UserError(f"{source}: {count}{'; '.join(problems)}") from None
+        where = "" if all(from_set for _, from_set in found) else f"{source}: "
+        raise UserError(f"{where}{count}{'; '.join(problems)}") from None
 
 
-def _describe(error: dict, lines: dict[tuple[str, ...], int]) -> str:
+def _describe(error: dict, lines: dict[tuple[str, ...], int], overridden: dict[tuple[str, ...], str]) -> tuple[str, bool]:
+    """One problem as text, and whether a --set gave the value."""
     loc = tuple(str(part) for part in error["loc"] if not str(part).startswith(("function-after", "literal[", "list[")))
+    item = _override_of(loc, error["msg"], overridden)
+    if item is None:
+        return _describe_at(error, loc, lines), False
+    return f"--set {item}: {_describe_at(error, loc, {})}", True  # the file's line holds the value --set replaced
+
+
+def _override_of(loc: tuple[str, ...], message: str, overridden: dict[tuple[str, ...], str]) -> str | None:
+    """The --set item behind a problem at `loc`: one that set that key or a section above it, or, for a problem a
+    section reports about its keys (loc is the section), one that set a key the message names."""
+    for path, item in overridden.items():
+        if loc[:len(path)] == path:
+            return item
+        named = (".".join(path[:n]) for n in range(max(len(loc) + 1, 2), len(path) + 1))
+        if path[:len(loc)] == loc and any(key in message for key in named):
+            return item
+    return None
+
+
+def _describe_at(error: dict, loc: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> str:
     key = ".".join(loc) or "recipe"
     where = f" (line {lines[loc]})" if loc in lines else ""
     kind = error["type"]
@@ -159,20 +186,31 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
-def _read_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
+def read_saved_recipe(path: Path) -> dict:
+    """A run's own recipe.yaml as a mapping, with the one-line errors of any recipe and a fix that fits a file
+    we wrote (it was damaged after the run began)."""
+    fix = "the run's saved recipe is damaged: copy the recipe the run was started with over it"
+    raw, _ = _read_yaml(path, fix)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: holds a YAML {type(raw).__name__}, not a recipe; {fix}")
+    return raw
+
+
+def _read_yaml(path: Path, fix: str | None = None) -> tuple[Any, dict[tuple[str, ...], int]]:
     try:
         text = path.read_text(encoding="utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = load_yaml(text)
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
+        raise UserError(f"{path}: not UTF-8 text; {fix or 'save the recipe as UTF-8'}") from None
     except DuplicateKeyError as err:
-        raise UserError(f"{path}: {err}") from None
+        raise UserError(f"{path}: {err}{f'; {fix}' if fix else ''}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"{path}:{where}: YAML syntax error: {problem}; fix the indentation or quoting there") from None
+        raise UserError(f"{path}:{where}: YAML syntax error: {problem}; "
+                        f"{fix or 'fix the indentation or quoting there'}") from None
     return (data if data is not None else {}), _key_lines(node)
 
 
@@ -187,8 +225,9 @@ def _key_lines(node: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...],
     return found
 
 
-def _apply_override(raw: dict, item: str) -> None:
-    """Apply one `--set a.b=value`; the value is parsed as YAML so numbers, booleans and lists keep their type."""
+def _apply_override(raw: dict, item: str) -> list[tuple[str, ...]]:
+    """Apply one `--set a.b=value`; the value is parsed as YAML so numbers, booleans and lists keep their type.
+    Returns the key paths it set (each key of a `SECTION={...}` value)."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=50")
@@ -210,6 +249,13 @@ def _apply_override(raw: dict, item: str) -> None:
         _merge(target[parts[-1]], value)
     else:
         target[parts[-1]] = value
+    return _key_paths(tuple(parts), value)
+
+
+def _key_paths(prefix: tuple[str, ...], value: Any) -> list[tuple[str, ...]]:
+    if not isinstance(value, dict) or not value:
+        return [prefix]
+    return [path for key, inner in value.items() for path in _key_paths(prefix + (str(key),), inner)]
 
 
 def _merge(into: dict, changes: dict) -> None:
@@ -227,8 +273,10 @@ def _resolve_relative_paths(raw: dict, base: Path) -> None:
         return
     for key in ("path", "eval_path"):
         value = data.get(key)
-        # A blank value stays blank for validation to refuse: `base / ""` is the recipe's own directory.
-        if isinstance(value, str) and value.strip() and not Path(value).is_absolute() and (base / value).exists():
+        # A blank value stays blank for validation to refuse (`base / ""` is the recipe's own directory), and so
+        # does one the OS cannot use, which validation names by its key.
+        if (isinstance(value, str) and value.strip() and not Path(value).is_absolute() and unusable(base / value) is None
+                and (base / value).exists()):
             data[key] = str((base / value).resolve())
 
 

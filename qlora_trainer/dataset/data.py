@@ -132,7 +132,7 @@ def _read_source(value: str, section: DataSection, key: str) -> _Rows:
     rows = [row for f in files for row in _read_file(f)]
     if not rows:
         raise UserError(f"{path}: the file has no rows; add training examples")
-    return _Rows(str(path), [_rename(r, section.columns) for r in rows])
+    return _mapped(_Rows(str(path), rows), section.columns, key)
 
 
 def _read_file(path: Path) -> list[tuple[str, dict | None, str | None]]:
@@ -218,19 +218,36 @@ def _read_hub(value: str, section: DataSection, key: str) -> _Rows:
                         "check the id, data.config and data.split, or point data.path at a local file") from None
     if len(table) == 0:
         raise UserError(f"data.{key}: hub dataset '{value}' split {split} has no rows")
-    return _Rows(value, [_rename((f"{value} row {i + 1}", row, None), section.columns) for i, row in enumerate(table)])
+    return _mapped(_Rows(value, [(f"{value} row {i + 1}", row, None) for i, row in enumerate(table)]), section.columns, key)
+
+
+def _mapped(raw: _Rows, columns: dict[str, str], key: str) -> _Rows:
+    """The rows with data.columns applied. Every column the mapping names must exist in the source: a mapping
+    that names no real column would be ignored, and where our own field names exist too the run would silently
+    train on those instead."""
+    found = _columns(raw)
+    absent = {ours: theirs for ours, theirs in columns.items() if theirs not in found}
+    if absent:
+        ours, theirs = next(iter(absent.items()))
+        raise UserError(f"data.columns maps {ours} to column '{theirs}', but no row of {raw.source} (data.{key}) has "
+                        f"it; its columns are {', '.join(found) or 'none'}: fix the mapping or drop it")
+    raw.rows = [_rename(row, columns) for row in raw.rows]
+    return raw
 
 
 def _rename(item, columns: dict[str, str]):
-    """Apply data.columns (our field -> their column) to one row."""
+    """Apply data.columns (our field -> their column) to one row: each field takes its column's value (two fields
+    may share a column, two may swap); a row without the column lacks the field, and the row checks name it."""
     where, row, problem = item
     if row is None or not columns:
         return item
-    row = dict(row)
+    renamed = {k: v for k, v in row.items() if k not in columns.values()}
     for ours, theirs in columns.items():
         if theirs in row:
-            row[ours] = row.pop(theirs)
-    return where, row, problem
+            renamed[ours] = row[theirs]
+        else:
+            renamed.pop(ours, None)
+    return where, renamed, problem
 
 
 def _columns(raw: _Rows) -> list[str]:

@@ -27,10 +27,10 @@ from qlora_trainer.deploy.adapter_source import (
 )
 from qlora_trainer.deploy.export_verify import DEFAULT_PROMPTS, compare_logits, verification_prompts
 from qlora_trainer.errors import UserError
-from qlora_trainer.files.damaged_files import check_safetensors
-from qlora_trainer.files.made_dirs import missing_dirs, remove_made
+from qlora_trainer.files.damaged_files import check_safetensors, read_json_object
+from qlora_trainer.files.made_dirs import make_dirs, remove_empty
 from qlora_trainer.files.run_dir import apply_umask
-from qlora_trainer.files.staging import clear_abandoned, held, make_staging_dir
+from qlora_trainer.files.staging import clear_abandoned, held, make_staging_dir, rename_no_replace
 from qlora_trainer.loading import base_fingerprint
 from qlora_trainer.loading import model as model_lib
 from qlora_trainer.loading.model import DTYPES
@@ -59,7 +59,7 @@ class ExportOptions:
 
 def export(options: ExportOptions) -> dict:
     """Merge, write to a temporary directory, verify, then move into place. Returns the verification report."""
-    if options.output.exists() and not options.force:
+    if (options.output.exists() or options.output.is_symlink()) and not options.force:
         raise UserError(f"--output {options.output} already exists; choose another directory or add --force to replace it")
     _check_output_apart(options)
     _shard_bytes(options.max_shard_size)  # a bad size is bad input, found before any work
@@ -72,10 +72,9 @@ def export(options: ExportOptions) -> dict:
     print(f"Merging {source.adapter_dir} into {source.base.name_or_path} "
           f"({'NF4-dequantized' if options.base_weights == 'dequantized' else 'original 16-bit'} base weights) -> {options.dtype}")
 
-    made = missing_dirs(options.output.parent)
     for note in clear_abandoned(options.output):
         print(note)
-    staging = _staging_dir(options.output, made)
+    staging, made = _staging_dir(options.output)
     try:
         with held(staging):  # a later export removes the staging directory only once no writer holds it
             if not merge_streaming(source, options, config, staging):
@@ -83,22 +82,23 @@ def export(options: ExportOptions) -> dict:
             report = verify(staging, source, options) if options.verify else {"verified": False}
             _write_model_card(staging, source, options, report)
             apply_umask(staging)
-            _move_into_place(staging, options.output)
+            _move_into_place(staging, options.output, options.force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left looking like an export
-        remove_made(made)  # nor the parent directories made for it
+        remove_empty(made)  # nor the parent directories made for it (unless another export wrote into them)
         raise
     return report
 
 
-def _staging_dir(output: Path, made: list[Path]) -> Path:
+def _staging_dir(output: Path) -> tuple[Path, list[Path]]:
     """A temporary directory beside the output (the final rename then stays on one disk), making the output's
-    missing parents as `mkdir -p` would; `made` lists them, for removing them again if the export fails."""
+    missing parents as `mkdir -p` would; with the parents it made, for removing them again if the export fails."""
+    made: list[Path] = []
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        return make_staging_dir(output)
+        made = make_dirs(output.parent)
+        return make_staging_dir(output), made
     except OSError as err:
-        remove_made(made)
+        remove_empty(made)
         reason = "a part of it is a file" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
         raise UserError(f"--output {output}: cannot write in {output.parent} ({reason}); choose a writable "
                         "directory") from None
@@ -284,12 +284,15 @@ class _Adapter:
 def _load_adapter(adapter_dir: Path) -> _Adapter:
     from safetensors.torch import load_file
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_json_object(adapter_dir / "adapter_config.json", "train or copy the adapter again")
     if config.get("peft_type") != "LORA":
         raise UserError(f"{adapter_dir}: only LoRA adapters can be merged (this one is {config.get('peft_type')})")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise UserError(f"{adapter_dir}: per-layer rank or alpha patterns are not supported by export yet")
-    r, alpha = config["r"], config["lora_alpha"]
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (r, alpha)):
+        raise UserError(f"{adapter_dir / 'adapter_config.json'} is damaged (r and lora_alpha must be positive numbers); "
+                        "train or copy the adapter again")
     scale = alpha / r**0.5 if config.get("use_rslora") else alpha / r
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     layers = {}
@@ -378,9 +381,19 @@ def _write_model_card(target: Path, source: AdapterSource, options: ExportOption
     (target / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
-def _move_into_place(staging: Path, output: Path) -> None:
-    """Rename the finished export into place. With --force the old one is moved aside first and put back if the
-    rename fails, so a failure never leaves neither; once the new one is in place the old one is deleted."""
+def _move_into_place(staging: Path, output: Path, force: bool) -> None:
+    """Rename the finished export into place. Without --force an output that appeared since the export began
+    (another export to it finished first) is refused, not replaced. With --force the old one is moved aside first
+    and put back if the rename fails, so a failure never leaves neither; once the new one is in place the old one
+    is deleted."""
+    if not force:
+        try:
+            rename_no_replace(staging, output)
+        except FileExistsError:
+            raise UserError(f"--output {output} appeared while this export ran (another export to it finished "
+                            "first?) and is left as it is; this export was not kept: choose another --output, or "
+                            "add --force to replace it") from None
+        return
     if not (output.exists() or output.is_symlink()):
         staging.rename(output)
         return

@@ -17,14 +17,39 @@ def missing_dirs(path: Path) -> list[Path]:
     return missing
 
 
+def make_dirs(path: Path) -> list[Path]:
+    """Make `path` and its missing parents, as `mkdir -p` would; return the ones this call made, deepest first. A
+    directory another process makes at the same moment is theirs: not listed, so never removed by us."""
+    made: list[Path] = []
+    try:
+        for directory in reversed(missing_dirs(path)):
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                if not directory.is_dir():
+                    raise
+                continue
+            made.insert(0, directory)
+    except BaseException:
+        remove_empty(made)  # a failure half-way leaves no parents behind
+        raise
+    return made
+
+
 def remove_made(made: list[Path]) -> None:
-    """Remove the directories `missing_dirs` listed before they were made: the deepest with what was written in
-    it, its parents only while empty (a parent that now holds something else stays)."""
+    """Remove the directories `make_dirs` made: the deepest with what was written in it (the caller holds it: a
+    run directory under its lock), its parents only while empty (a parent that now holds something else stays)."""
     if made:
         shutil.rmtree(made[0], ignore_errors=True)
-    for parent in made[1:]:
+    remove_empty(made[1:])
+
+
+def remove_empty(made: list[Path]) -> None:
+    """Remove the directories `make_dirs` made, deepest first, each only while empty: what another process wrote
+    into them meanwhile (an export that won a race for the same parent) stays."""
+    for directory in made:
         try:
-            parent.rmdir()
+            directory.rmdir()
         except OSError:  # not empty, or already gone: leave it
             pass
 

@@ -9,40 +9,76 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
 from qlora_trainer.errors import UserError
+from qlora_trainer.files.made_dirs import make_dirs, remove_made
+from qlora_trainer.files.staging import held
 
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+# What every run writes before anything else (train.py): a directory without them is not a run to resume.
+RUN_MARKERS = ("recipe.yaml", "estimate.json")
 
 
 def default_run_dir(recipe_name: str) -> Path:
     return Path("runs") / f"{recipe_name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def prepare_run_dir(path: Path, resume: bool) -> Path:
-    """Create (or, with resume, reopen) the run directory; refuse to overwrite anything."""
+def prepare_run_dir(path: Path, resume: bool, hold: ExitStack) -> list[Path]:
+    """Create (or, with resume, reopen) the run directory and hold its lock in `hold` for as long as the run lasts,
+    so that a second run or resume into it is refused, not mixed in; refuse to overwrite anything. Returns the
+    directories it made (the run directory and missing parents, deepest first): a run that fails before its first
+    step removes them. The checks that another run could change are made once the lock is held."""
     if path.exists() and not path.is_dir():
         raise UserError(f"--output-dir {path} is a file, not a directory; choose a directory path for the run")
+    if resume:
+        _check_is_run(path)
+    try:
+        made = make_dirs(path)
+    except OSError as err:
+        raise UserError(f"--output-dir {path}: cannot write there ({err.strerror}); choose a writable directory") from None
+    try:
+        hold.enter_context(held(path, wait=False))
+    except BlockingIOError:
+        # Whatever we made, the other run now uses: take nothing away.
+        raise UserError(f"--output-dir {path} is in use by another run (started at the same time, or still "
+                        "training); wait for it to end or choose another --output-dir") from None
+    try:
+        _check_free(path, resume, made)
+    except BaseException:
+        remove_made(made)  # ours alone: we hold the lock
+        raise
+    return made
+
+
+def _check_is_run(path: Path) -> None:
+    """--resume continues a run: a directory that is not one (`--output-dir .`, the user's own project) would be
+    trained into, and its recipe.yaml replaced by the run's."""
+    if not path.is_dir():
+        raise UserError(f"--resume: {path} is not a run directory; pass the --output-dir of the run to continue")
+    missing = [name for name in RUN_MARKERS if not (path / name).is_file()]
+    if missing:
+        raise UserError(f"--resume: {path} is not a run directory (no {' or '.join(missing)}, which every run writes "
+                        "first); pass the --output-dir of the run to continue, or drop --resume to start a new run")
+
+
+def _check_free(path: Path, resume: bool, made: list[Path]) -> None:
     if (path / SUMMARY).exists():
         raise UserError(f"--output-dir {path} already holds a finished run (summary.json); choose another --output-dir")
     if resume:
-        if not path.is_dir():
-            raise UserError(f"--resume: {path} is not a run directory; pass the --output-dir of the run to continue")
-        return path
-    if path.exists() and any(path.iterdir()):
+        return
+    if path not in made and any(path.iterdir()):
         raise UserError(f"--output-dir {path} already exists and is not empty; add --resume to continue that run "
                         "or choose another --output-dir")
     try:
-        path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         probe.write_text("", encoding="utf-8")
         probe.unlink()
     except OSError as err:
         raise UserError(f"--output-dir {path}: cannot write there ({err.strerror}); choose a writable directory") from None
-    return path
 
 
 def latest_checkpoint(path: Path) -> Path | None:

@@ -32,17 +32,35 @@ def make_staging_dir(output: Path) -> Path:
 
 
 @contextmanager
-def held(staging: Path) -> Iterator[None]:
-    """Hold the writer's lock on `staging` (it stays on the directory when it is renamed into place)."""
+def held(directory: Path, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (it stays on the directory when it is renamed into place): a staging
+    directory while its export writes, a run directory while its run lasts. With `wait` False a lock someone
+    else holds raises BlockingIOError at once."""
     if fcntl is None:
         yield
         return
-    fd = os.open(staging, os.O_RDONLY)
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         yield
     finally:
         os.close(fd)
+
+
+def rename_no_replace(source: Path, target: Path) -> None:
+    """Rename directory `source` to `target`, raising FileExistsError when anything is at `target`, with no gap
+    for one to appear in between: a check followed by a plain rename would replace a target made meanwhile (rename
+    replaces an empty directory, and the caller's check may be minutes old). The target is claimed with mkdir,
+    which fails if anything is there, and the rename then replaces that empty claim."""
+    os.mkdir(target)
+    try:
+        os.rename(source, target)
+    except BaseException:
+        try:
+            os.rmdir(target)
+        except OSError:  # someone wrote into the claim meanwhile: theirs now
+            pass
+        raise
 
 
 def clear_abandoned(output: Path) -> list[str]:

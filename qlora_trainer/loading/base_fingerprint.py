@@ -11,14 +11,13 @@ a differently trained model does not.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 
 from qlora_trainer.config.recipe import ModelSection
 from qlora_trainer.errors import UserError
-from qlora_trainer.files.damaged_files import check_safetensors
+from qlora_trainer.files.damaged_files import check_safetensors, read_json_object
 
 FILE = "base_fingerprint.json"
 ROWS, VALUES = 4, 16  # rows sampled per tensor, leading values hashed per row
@@ -124,10 +123,7 @@ def _read(directory: Path) -> dict | None:
     path = directory / FILE
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path} is damaged (not JSON); delete it to skip the base check, or copy it again") from None
-    if not isinstance(data, dict) or not isinstance(data.get("sha256"), str) or not isinstance(data.get("base"), str):
+    data = read_json_object(path, "delete it to skip the base check, or copy it again")
+    if not isinstance(data.get("sha256"), str) or not isinstance(data.get("base"), str):
         raise UserError(f"{path} is damaged (needs base and sha256); delete it to skip the base check, or copy it again")
     return data

@@ -7,6 +7,7 @@ records what happened (run_summary.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -20,7 +21,7 @@ import torch
 
 from qlora_trainer import distributed
 from qlora_trainer.config.recipe import Recipe
-from qlora_trainer.config.recipe_files import dump_recipe, load_yaml
+from qlora_trainer.config.recipe_files import dump_recipe, read_saved_recipe
 from qlora_trainer.dataset.data import check_data_path, load_data
 from qlora_trainer.dataset.sequence_fit import describe_data, fit_to_tokenizer
 from qlora_trainer.distributed import Launch
@@ -34,7 +35,7 @@ from qlora_trainer.estimate.memory_report import (
     settings_from_recipe,
     shape_for_model,
 )
-from qlora_trainer.files.made_dirs import missing_dirs, undo
+from qlora_trainer.files.made_dirs import undo
 from qlora_trainer.files.run_dir import (
     CHECKPOINTS,
     SUMMARY,
@@ -97,11 +98,11 @@ def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> 
         return None
     recipe, shape, predicted, chosen, data, tokenizer = prepared
     estimate_json = auto_settings.estimate_json(predicted, chosen)
-    made = missing_dirs(options.output_dir)
-    run, checkpoint, deferred = distributed.on_main(
-        lambda: _open_run_dir(recipe, options, estimate_json, chosen, made), launch)
-    with KeptOnlyOnceStepped(run, made, options.resume, launch.is_main) as attempt:
-        return _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt)
+    with contextlib.ExitStack() as hold:  # the main process holds the run directory's lock until the run ends
+        run, made, checkpoint, deferred = distributed.on_main(
+            lambda: _open_run_dir(recipe, options, estimate_json, chosen, hold), launch)
+        with KeptOnlyOnceStepped(run, made, options.resume, launch.is_main) as attempt:
+            return _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt)
 
 
 def _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt) -> dict | None:
@@ -286,12 +287,13 @@ FIXED_ON_RESUME = ("model", "quantization", "lora", "data")
 def _check_same_run(recipe: Recipe, saved_path: Path) -> None:
     if not saved_path.is_file():
         return
-    saved = load_yaml(saved_path.read_text(encoding="utf-8")) or {}
+    saved = read_saved_recipe(saved_path)
     current = recipe.model_dump(mode="json")
     for section in FIXED_ON_RESUME:
+        used = saved.get(section) if isinstance(saved.get(section), dict) else {}
         for key, value in current[section].items():
-            if key in saved.get(section, {}) and saved[section][key] != value:
-                raise UserError(f"--resume: {section}.{key} is {value!r} but the run used {saved[section][key]!r}; "
+            if key in used and used[key] != value:
+                raise UserError(f"--resume: {section}.{key} is {value!r} but the run used {used[key]!r}; "
                                 f"resume with the run's own recipe: --recipe {saved_path}")
 
 
@@ -345,15 +347,11 @@ def _write_failure(err: OSError, run: Path, resume: str) -> TrainingFailed | Non
 
 
 def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chosen: auto_settings.Plan,
-                  made: list[Path]) -> tuple[Path, Path | None, dict[str, str]]:
-    """Create the run directory with the resolved recipe and the estimate; or, resuming, find the checkpoint and
-    return the files to rewrite once it has loaded (resume.py)."""
-    try:
-        run = prepare_run_dir(options.output_dir, options.resume)
-    except BaseException:
-        if options.output_dir in made:  # refused after making it (unwritable): take away what it made
-            undo(options.output_dir, made)
-        raise
+                  hold: contextlib.ExitStack) -> tuple[Path, list[Path], Path | None, dict[str, str]]:
+    """Create the run directory with the resolved recipe and the estimate, returning the directories made for it;
+    or, resuming, find the checkpoint and return the files to rewrite once it has loaded (resume.py)."""
+    run = options.output_dir
+    made = prepare_run_dir(run, options.resume, hold)
     header = f"# python -m qlora_trainer --recipe {run / 'recipe.yaml'}\n"
     if chosen.chosen:  # the saved values are concrete, so that a resume trains exactly as the run started
         header += f"# auto settings ({', '.join(chosen.chosen)}) were settled to: {chosen.describe()}\n"
@@ -366,7 +364,7 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chos
         except BaseException:
             undo(run, made)  # a run that never began leaves nothing
             raise
-        return run, None, {}
+        return run, made, None, {}
     _check_same_run(recipe, run / "recipe.yaml")
     base_fingerprint.check(run, recipe.model, "--resume: the run")
     checkpoint = usable_checkpoint(run)
@@ -374,7 +372,7 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chos
         print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")
     # The steps after the checkpoint will be logged again: drop their first rows.
     files["metrics.jsonl"] = resumed_metrics(run, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
-    return run, checkpoint, files
+    return run, made, checkpoint, files
 
 
 def _evaluated_at(trainer, step: int) -> bool:

@@ -47,9 +47,24 @@ def architecture_for(name_or_hub_id: str) -> str | None:
     return None
 
 
+def check_known(name: str, what: str) -> None:
+    """Refuse a name that is not a known architecture (`what`: where it was given, e.g. --arch), naming the
+    nearest one and all of them."""
+    import difflib
+
+    from qlora_trainer.errors import UserError
+
+    known = known_architectures()
+    if name not in known:
+        close = difflib.get_close_matches(name.lower(), known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"{what} {name!r} is not a known architecture; {hint}known: {', '.join(known)}")
+
+
 def load_architecture(name: str):
     """A transformers config for a known architecture."""
     from transformers import AutoConfig
 
+    check_known(name, "architecture")
     values = {k: v for k, v in _raw(name).items() if not k.startswith("_")}
     return AutoConfig.for_model(values.pop("model_type"), **values)
