@@ -16,7 +16,6 @@ from qlora_trainer.training.metrics import MetricsLogger
 from qlora_trainer.training.progress import ProgressLines
 from qlora_trainer.training.sft_trainer import qlora_sft_trainer
 
-
 # bitsandbytes pages optimizer state only in CUDA managed memory; on the CPU the same optimizer unpaged (it warns
 # and falls back itself, once per parameter group; choosing it here says so once, in the plan).
 CPU_OPTIMIZERS = {"paged_adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "adamw_torch"}
