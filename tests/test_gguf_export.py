@@ -15,6 +15,7 @@ import re
 import pytest
 import torch
 from helpers import refused_cleanly
+from safetensors import safe_open
 from test_model_families import FAMILIES, tiny_spec
 
 from qlora_trainer import cli
@@ -43,6 +44,12 @@ def build_sentencepiece_model(family: str, target) -> None:
     tokenizer = tokenizer_class.from_pretrained(target, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                                 pad_token="<pad>", add_bos_token=True,
                                                 additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    if family == "phi3":  # Phi-3's published tokenizer.json prefixes a space by normalizer, to every text piece
+        from tokenizers import normalizers
+
+        tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tokenizer.backend_tokenizer.pre_tokenizer = None
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(target)
     spec = tiny_spec(FAMILIES[family])
@@ -151,3 +158,41 @@ def test_q8_0_is_verified_within_the_bars(runs, tmp_path, capsys):
     assert 0 < report["relative_logit_error"] < 0.05
     assert read_gguf(out / "model-q8_0.gguf").fields["general.file_type"].contents() == 7  # MOSTLY_Q8_0
 
+
+
+def test_adapter_only_gguf_is_read_back_and_named_in_the_modelfile(runs, tmp_path, capsys):
+    run, out = runs("llama"), tmp_path / "adapter-gguf"
+    code = cli.main(["export", str(run), "--output", str(out), "--format", "gguf-adapter"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "adapter-f16.gguf", "export.json"]
+    report = json.loads((out / "export.json").read_text())
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert report["verified"] and report["lora_alpha"] == adapter_config["lora_alpha"]
+    with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as weights:
+        assert report["lora_layers"] == sum(".lora_A." in key for key in weights.keys()) == 14  # 7 per layer
+    assert 0 <= report["max_relative_update_error"] < 0.01
+    reader = read_gguf(out / "adapter-f16.gguf")
+    assert field(reader, "general.type") == "adapter" and field(reader, "adapter.type") == "lora"
+    lines = (out / "Modelfile").read_text().splitlines()
+    assert "FROM ./base.gguf" in lines and "ADAPTER ./adapter-f16.gguf" in lines
+
+
+def test_dora_adapter_is_refused_for_gguf_adapter_in_one_line(runs, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "dora"
+    shutil.copytree(runs("llama") / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    refused_cleanly(["export", str(adapter), "--output", str(tmp_path / "out"), "--format", "gguf-adapter"], 2,
+                    "llama.cpp cannot apply DoRA adapters", watch=[tmp_path])
+
+
+def test_gguf_options_that_do_not_apply_are_refused(runs, tmp_path):
+    run = runs("llama")
+    for extra, fragment in ((["--dtype", "bfloat16"], "--dtype does not apply to --format gguf"),
+                            (["--no-verify"], "--no-verify does not apply to --format gguf")):
+        refused_cleanly(["export", str(run), "--output", str(tmp_path / "o"), "--format", "gguf", *extra], 2, fragment,
+                        watch=[tmp_path])
+    refused_cleanly(["export", str(run), "--output", str(tmp_path / "o"), "--quant", "q8_0"], 2,
+                    "--quant applies to --format gguf", watch=[tmp_path])

@@ -27,6 +27,7 @@ from qlora_trainer.loading import base_fingerprint
 from qlora_trainer.loading import model as model_lib
 
 QUANTS = ("f16", "bf16", "q8_0")
+BASE_GGUF = "base.gguf"  # where an adapter's Modelfile expects the base model's GGUF
 # The merged weights handed to the converter. q8_0 starts from the compute dtype, which the NF4 weights dequantize
 # to exactly, so the only rounding is q8_0's own.
 _MERGE_DTYPE = {"f16": "float16", "bf16": "bfloat16"}
@@ -99,6 +100,7 @@ def _write_model(source: AdapterSource, config, options: GgufOptions, staging: P
           f"{options.quant}")
     if not safetensors_export.merge_streaming(source, merge_options, config, merged):
         safetensors_export.write_export(safetensors_export.merge(source, merge_options), source, merged, merge_options)
+    _carry_sentencepiece_model(source, merged)
     gguf_name = f"model-{options.quant}.gguf"
     llama_cpp_converter.convert_model(merged, staging / gguf_name, options.quant)
     merged_config = AutoConfig.from_pretrained(merged)
@@ -112,6 +114,28 @@ def _write_model(source: AdapterSource, config, options: GgufOptions, staging: P
     _write_modelfile(staging, gguf_name, tokenizer, eos_ids, source)
     _write_card(staging, source, report)
     return report
+
+
+def _carry_sentencepiece_model(source: AdapterSource, merged: Path) -> None:
+    """The converter reads a SentencePiece vocabulary from `tokenizer.model`, which transformers 5 re-saves for
+    some tokenizer classes and not others (Gemma's): take it from the adapter, else from the base."""
+    if (merged / "tokenizer.model").is_file():
+        return
+    found = _sentencepiece_model(source)
+    if found is not None:
+        shutil.copyfile(found, merged / "tokenizer.model")
+
+
+def _sentencepiece_model(source: AdapterSource) -> Path | None:
+    if (source.adapter_dir / "tokenizer.model").is_file():
+        return source.adapter_dir / "tokenizer.model"
+    base = Path(model_lib.resolve_model_path(source.base))
+    if base.is_dir():
+        return base / "tokenizer.model" if (base / "tokenizer.model").is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(str(base), "tokenizer.model", revision=source.base.revision)
+    return Path(cached) if isinstance(cached, str) else None  # training fetched the base's tokenizer
 
 
 def _generation_eos_ids(model_dir: Path) -> list[int]:
@@ -150,4 +174,16 @@ def _write_card(staging: Path, source: AdapterSource, report: dict) -> None:
 
 
 def _write_adapter(source: AdapterSource, config, options: GgufOptions, staging: Path) -> dict:
-    raise UserError("--format gguf-adapter is not available yet")
+    from qlora_trainer.deploy.gguf_adapter import write_adapter_gguf
+
+    report = write_adapter_gguf(source.adapter_dir, config, staging, options.quant)
+    tokenizer = load_adapter_tokenizer(source)
+    wrappers = modelfile.chat_wrappers(tokenizer)
+    header = (f"Ollama Modelfile made by qlora-trainer for a LoRA adapter of {source.base.name_or_path}.\n"
+              f"FROM must be a GGUF of that base's original weights, saved here as {BASE_GGUF}\n"
+              "(llama.cpp's convert_hf_to_gguf.py makes one); then: ollama create NAME -f Modelfile")
+    stops = modelfile.stop_tokens(tokenizer, wrappers, [])
+    text = modelfile.modelfile(BASE_GGUF, wrappers, stops, header, adapter=report["file"])
+    (staging / "Modelfile").write_text(text, encoding="utf-8")
+    (staging / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report

@@ -1,9 +1,9 @@
 """Read a GGUF export back and compare it with the trained model: tokenizer first (BOS included), then logits.
 
 transformers dequantizes a GGUF on load. Its GGUF-to-config mapping is incomplete for some families (it does not
-read Qwen3's head_dim or Phi-3's partial rotary dimension), so the model is loaded with the merged model's own
-config: what is checked is what the converter wrote, the tensors (names, llama.cpp's Q/K layout, Gemma's norm
-offset, the quantization) and the tokenizer.
+read Qwen3's head_dim or Phi-3's partial rotary dimension), so the model is loaded as the GGUF's architecture (a
+Mistral GGUF is a llama one) with the merged model's hyperparameters: what is checked is what the converter wrote,
+the tensors (names, llama.cpp's Q/K layout, Gemma's norm offset, the quantization) and the tokenizer.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def verify_gguf(directory: Path, gguf_name: str, config, source, tokenizer, outp
     prompts = verification_prompts(source) or DEFAULT_PROMPTS
     try:
         read_back = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_name)
-        candidate = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_name, config=config,
-                                                         dtype=torch.float32)
+        candidate = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_name, dtype=torch.float32,
+                                                         config=_read_back_config(directory, gguf_name, config))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise UserError(f"GGUF export verification failed: transformers cannot read the converted file back "
                         f"({first_line(err)}); nothing was written to {output}") from None
@@ -46,6 +46,17 @@ def verify_gguf(directory: Path, gguf_name: str, config, source, tokenizer, outp
                         f"{MAX_RELATIVE_LOGIT_ERROR}) against the 4-bit model + adapter; nothing was written to "
                         f"{output}; try --quant f16, or check --base is the model the adapter was trained on")
     return report
+
+
+def _read_back_config(directory: Path, gguf_name: str, merged_config):
+    """The config transformers reads from the GGUF, with every hyperparameter the merged model's config also has
+    taken from the merged model."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory, gguf_file=gguf_name).to_dict()
+    merged = {k: v for k, v in merged_config.to_dict().items() if k in config and k not in ("model_type", "architectures")}
+    values = {k: v for k, v in {**config, **merged}.items() if k != "model_type"}
+    return AutoConfig.for_model(config["model_type"], **values)
 
 
 def check_tokenization(tokenizer, read_back, prompts: list[str], output: Path) -> int:

@@ -115,8 +115,11 @@ def stop_tokens(tokenizer, wrappers: ChatWrappers | None, eos_token_ids: list[in
     return list(dict.fromkeys(s for s in stops if s))
 
 
-def modelfile(gguf_name: str, wrappers: ChatWrappers | None, stops: list[str], header: str) -> str:
+def modelfile(gguf_name: str, wrappers: ChatWrappers | None, stops: list[str], header: str,
+              adapter: str | None = None) -> str:
     lines = [f"# {line}" for line in header.splitlines()] + [f"FROM ./{gguf_name}"]
+    if adapter is not None:
+        lines.append(f"ADAPTER ./{adapter}")
     if wrappers is not None:
         lines.append(f'TEMPLATE """{go_template(wrappers)}"""')
     lines += [f'PARAMETER stop "{_quoted(stop)}"' for stop in stops]
