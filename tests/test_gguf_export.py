@@ -17,6 +17,7 @@ import torch
 from helpers import refused_cleanly
 from safetensors import safe_open
 from test_model_families import FAMILIES, tiny_spec
+from test_modelfile import render_go_template, template_of
 
 from qlora_trainer import cli
 from qlora_trainer.config.recipe_files import shipped_recipes_dir
@@ -125,20 +126,6 @@ def test_family_exports_gguf_verified_with_a_modelfile(runs, family, tmp_path, c
                     {"role": "assistant", "content": "Sorry!"}, {"role": "user", "content": "Where is it?"}]
     expected = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert render_go_template(template_of(text), conversation) == expected
-
-
-def template_of(modelfile_text: str) -> str:
-    return re.search(r'^TEMPLATE """(.*?)"""$', modelfile_text, re.M | re.S).group(1)
-
-
-def render_go_template(template: str, messages: list[dict]) -> str:
-    """Ollama's rendering of the one shape modelfile.go_template writes: head, a range over the messages with one
-    `if eq .Role` branch per role, and the generation prompt."""
-    head, rest = template.split("{{ range .Messages }}")
-    body, generation = rest.rsplit("{{ end }}", 1)
-    branches = dict(re.findall(r'\{\{ (?:else )?if eq \.Role "(\w+)" \}\}(.*?)(?=\{\{ else if|\{\{ end \}\}$)', body,
-                               re.S))
-    return head + "".join(branches[m["role"]].replace("{{ .Content }}", m["content"]) for m in messages) + generation
 
 
 @pytest.mark.parametrize("family", BPE_ONLY_FAMILIES)
