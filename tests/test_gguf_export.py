@@ -183,3 +183,23 @@ def test_gguf_options_that_do_not_apply_are_refused(runs, tmp_path):
                         watch=[tmp_path])
     refused_cleanly(["export", str(run), "--output", str(tmp_path / "o"), "--quant", "q8_0"], 2,
                     "--quant applies to --format gguf", watch=[tmp_path])
+
+
+def test_llama_cpp_reads_the_export_as_transformers_does(runs, tmp_path):
+    """Optional: llama-cpp-python compiles llama.cpp (about 18 minutes on 2 cores), so it is not a dependency."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, out = runs("llama"), tmp_path / "gguf"
+    assert cli.main(["export", str(run), "--output", str(out), "--format", "gguf"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "My parcel is late."}], tokenize=False,
+                                         add_generation_prompt=True)
+    llm = llama_cpp.Llama(model_path=str(out / "model-f16.gguf"), n_ctx=256, logits_all=True, verbose=False)
+    ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+    assert ids == tokenizer(text)["input_ids"]
+    llm.eval(ids)
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f16.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0]
+    assert [int(row.argmax()) for row in llm.scores[:len(ids)]] == expected.argmax(-1).tolist()
