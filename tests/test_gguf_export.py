@@ -203,3 +203,24 @@ def test_llama_cpp_reads_the_export_as_transformers_does(runs, tmp_path):
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0]
     assert [int(row.argmax()) for row in llm.scores[:len(ids)]] == expected.argmax(-1).tolist()
+
+
+def test_a_family_the_converter_lacks_is_refused_before_merging():
+    from transformers import AutoConfig
+
+    from qlora_trainer.deploy.gguf_export import check_family
+    from qlora_trainer.errors import UserError
+
+    for family in FAMILIES:  # every family the project trains is one the converter has
+        check_family(AutoConfig.for_model(tiny_spec(FAMILIES[family])["model_type"],
+                                          architectures=[_architecture(family)]))
+    with pytest.raises(UserError, match=r"llama.cpp's converter \(llama-cpp-python [\d.]+\) cannot convert "
+                                        r"OPTForCausalLM; export safetensors instead") as refused:
+        check_family(AutoConfig.for_model("opt", architectures=["OPTForCausalLM"]))
+    assert "\n" not in str(refused.value)
+
+
+def _architecture(family: str) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[tiny_spec(FAMILIES[family])["model_type"]]

@@ -26,7 +26,6 @@ from qlora_trainer.files.staging import clear_abandoned, held
 from qlora_trainer.loading import base_fingerprint
 from qlora_trainer.loading import model as model_lib
 
-QUANTS = ("f16", "bf16", "q8_0")
 BASE_GGUF = "base.gguf"  # where an adapter's Modelfile expects the base model's GGUF
 # The merged weights handed to the converter. q8_0 starts from the compute dtype, which the NF4 weights dequantize
 # to exactly, so the only rounding is q8_0's own.

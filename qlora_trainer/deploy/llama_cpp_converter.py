@@ -11,6 +11,7 @@ which must not replace the PyPI `gguf` that transformers reads GGUF files with i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -84,7 +85,8 @@ def _wanted(relative: str) -> bool:
     return relative in _KEEP_FILES or relative.startswith(_KEEP_DIRS)
 
 
-def supported_architectures() -> set[str]:
+@functools.cache  # a subprocess that imports the whole converter: once per process
+def supported_architectures() -> frozenset[str]:
     """The HF architectures (`LlamaForCausalLM`, ...) the converter has text-model logic for."""
     output = _run(["convert_hf_to_gguf.py", "--print-supported-models"], "list the converter's models")
     names, in_text = set(), False
@@ -93,7 +95,7 @@ def supported_architectures() -> set[str]:
             in_text = line.strip() == "TEXT models:"
         elif in_text and line.strip().startswith("- "):
             names.add(line.strip()[2:])
-    return names
+    return frozenset(names)
 
 
 def convert_model(model_dir: Path, outfile: Path, quant: str) -> None:
