@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (the merge holds about two in memory)")
     exp.add_argument("--no-verify", action="store_true", help="skip comparing the export's logits with the 4-bit model")
     exp.add_argument("--force", action="store_true", help="replace an existing --output")
+    exp.add_argument("--format", choices=["safetensors", "gguf", "gguf-adapter"], default="safetensors",
+                     help="gguf: one verified .gguf file plus an Ollama Modelfile (llama.cpp, Ollama); gguf-adapter: "
+                     "the adapter alone, for Ollama's ADAPTER line (see docs/export.md)")
+    exp.add_argument("--quant", choices=["f16", "bf16", "q8_0"], help="with --format gguf or gguf-adapter: the GGUF's "
+                     "weight type (default f16)")
 
     gen = sub.add_parser("generate", parents=[common], help="generate text from a run, an adapter or a merged export")
     gen.add_argument("source", type=path_arg, help="run directory, adapter directory or merged export")
@@ -369,10 +374,30 @@ def _launch_settings(settings, args):
 def _export(args) -> int:
     from qlora_trainer.deploy.export import ExportOptions, export
 
+    if args.format != "safetensors":
+        return _export_gguf(args)
+    if args.quant:
+        raise UserError("--quant applies to --format gguf or gguf-adapter; the safetensors export takes --dtype")
+
     options = ExportOptions(source=args.source, output=args.output, dtype=args.dtype, base_weights=args.base_weights,
                             base=args.base, max_shard_size=args.max_shard_size, verify=not args.no_verify, force=args.force)
     export(options)
     print(f"Exported to {args.output} ({options.dtype}); load it with AutoModelForCausalLM.from_pretrained('{args.output}')")
+    return EXIT_OK
+
+
+def _export_gguf(args) -> int:
+    from qlora_trainer.deploy.gguf_export import GgufOptions, export_gguf
+
+    refused = [flag for flag, given in (("--dtype", args.dtype), ("--no-verify", args.no_verify),
+                                        ("--base-weights original", args.base_weights != "dequantized")) if given]
+    if refused:
+        raise UserError(f"{refused[0]} does not apply to --format {args.format} (a GGUF export is always the verified "
+                        "NF4-round-trip merge; choose its type with --quant)")
+    options = GgufOptions(source=args.source, output=args.output, quant=args.quant or "f16",
+                          adapter_only=args.format == "gguf-adapter", base=args.base, force=args.force)
+    report = export_gguf(options)
+    print(f"Exported to {args.output / report['file']}; for Ollama: cd {args.output} && ollama create NAME -f Modelfile")
     return EXIT_OK
 
 

