@@ -97,6 +97,8 @@ def test_merging_into_the_original_weights_drifts_and_says_so(exported, referenc
     assert error_original > 3 * error_exact
     assert report["relative_logit_error"] == pytest.approx(error_original, rel=0.5)
     assert "original 16-bit base weights" in (exported / "original" / "README.md").read_text()
+    card = (exported / "dequantized" / "README.md").read_text()
+    assert "demo:tiny-llama" in card and "/adapter`" in card and str(REPO) not in card and "/tmp" not in card
 
 
 def test_existing_output_is_refused(demo_run, tmp_path):

@@ -210,8 +210,20 @@ def measured(args, name: str, run) -> dict:
     result.update(run=name, wall_s=round(time.perf_counter() - started, 1))
     if result.get("tokens_per_s") and args.device == "cuda":
         result["mfu"] = round(result["tokens_per_s"] * 6 * args.params / (args.peak_tflops * 1e12), 4)
-    print(json.dumps(result), flush=True)
+    print(describe(result), flush=True)
     return result
+
+
+def describe(result: dict) -> str:
+    """One line per run: `ours-auto      3,405 tokens/s   9.50 GiB  MFU 12.3%  (41 s)`."""
+    if "skipped" in result:
+        return f"{result['run']:<14} skipped: {result['skipped']}"
+    parts = [f"{result['run']:<14} {result.get('tokens_per_s') or 0:>9,.0f} tokens/s"]
+    if result.get("peak_gib_nvidia_smi") is not None:
+        parts.append(f"{result['peak_gib_nvidia_smi']:6.2f} GiB")
+    if result.get("mfu") is not None:
+        parts.append(f"MFU {result['mfu']:.1%}")
+    return "  ".join(parts) + f"  ({result['wall_s']:.0f} s)"
 
 
 def ratios(results: list[dict]) -> dict:
@@ -235,7 +247,7 @@ def ratios(results: list[dict]) -> dict:
 def main() -> int:
     from qlora_trainer.cli import boundary, flag_values, path_arg
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--arch", default="llama-2-7b", help="architecture file for the random weights")
     parser.add_argument("--cap", type=float, default=0, help="GiB each run may use (0: uncapped)")
@@ -245,7 +257,8 @@ def main() -> int:
     parser.add_argument("--runs", default="ours-auto,ours-mb1,trl-peft,unsloth")
     parser.add_argument("--unsloth-path", help="a pip --target directory holding Unsloth and its pins")
     parser.add_argument("--workdir", type=path_arg, default=Path(tempfile.gettempdir()) / "qlora-bench")
-    parser.add_argument("--out", type=path_arg, help="result JSON (default benchmarks/speed/<gpu>-<cap>-<date>.json)")
+    parser.add_argument("--out", type=path_arg, help="result JSON (default: benchmarks/speed/<gpu>-<cap>-<date>.json on a "
+                        "GPU; WORKDIR/speed-cpu.json for the CPU smoke run, which the repository does not keep)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--rows", help=argparse.SUPPRESS)
@@ -301,19 +314,25 @@ def bench(args) -> None:
     report = {"gpu": gpu, "cap_gib": args.cap or None, "arch": args.arch, "seq_len": args.seq_len,
               "global_batch": args.global_batch, "steps": args.steps, "params": args.params,
               "date": datetime.date.today().isoformat(), "torch": torch.__version__, "runs": results,
-              "ratios": ratios(results)}
-    out = args.out or REPO / "benchmarks" / "speed" / (
+              # A smoke run's timings on a shared CPU measure nothing but the code path: no ratios from them.
+              "ratios": ratios(results) if args.device == "cuda" else {},
+              "note": None if args.device == "cuda" else "CPU smoke run: the code paths work; its timings are not a result"}
+    out = args.out or (REPO / "benchmarks" / "speed" / (
         f"{gpu.replace(' ', '-').lower()}-{f'{args.cap:g}gib' if args.cap else 'uncapped'}-{report['date']}.json")
+        if args.device == "cuda" else args.workdir / "speed-cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}: {json.dumps(report['ratios'])}")
+    summary = ", ".join(f"{name.replace('_', ' ')} {value:.2f}x" for name, value in report["ratios"].items())
+    print(f"wrote {out}" + (f"; ours-auto: {summary}" if summary else f" ({report['note']})" if report["note"] else ""))
 
 
 def unsloth_runs(args, weights: Path, rows: Path, work: Path) -> list[dict]:
     """Unsloth at each micro-batch that divides the global batch; the fastest that fits the cap is its figure."""
     probe = subprocess.run([sys.executable, "-c", "import unsloth"], capture_output=True, env=_env(args, unsloth=True))
     if probe.returncode != 0:
-        return [{"run": "unsloth", "skipped": "unsloth cannot be imported here"}]
+        skipped = {"run": "unsloth", "skipped": "unsloth cannot be imported here"}
+        print(describe(skipped), flush=True)
+        return [skipped]
     runs = []
     for micro in (m for m in UNSLOTH_MICRO_BATCHES if args.global_batch % m == 0):
         args.micro_batch = micro

@@ -225,7 +225,7 @@ def config_override(text: str) -> dict:
 def main() -> int:
     from qlora_trainer.cli import boundary, flag_values, path_arg
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="llama-2-7b")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -241,7 +241,8 @@ def main() -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--config-override", default="{}", help="JSON of config changes, e.g. to shrink a model for a CPU smoke run")
     parser.add_argument("--workdir", type=path_arg, default=Path("/tmp/qlora-vram"))
-    parser.add_argument("--out", type=path_arg, default=REPO / "benchmarks" / "vram" / "results.jsonl")
+    parser.add_argument("--out", type=path_arg, help="JSON lines to append to (default: benchmarks/vram/results.jsonl "
+                        "on a GPU; WORKDIR/results-cpu.jsonl for a CPU smoke run, which measures no memory)")
     parser.add_argument("--grid", action="store_true", help="run the grid, each configuration in a fresh process")
     parser.add_argument("--jobs", type=int, default=1, help="with --grid: configurations run at once on the GPU")
     parser.add_argument("--debug", action="store_true", help="on an error, also print the full traceback")
@@ -256,6 +257,9 @@ def run(args) -> int:
     check_path_flags(args, PATH_FLAGS)
     check_known(args.arch, "--arch")
     overrides = config_override(args.config_override)
+    if args.out is None:  # the repository keeps GPU measurements only
+        args.out = REPO / "benchmarks" / "vram" / "results.jsonl" if args.device == "cuda" else \
+            args.workdir / "results-cpu.jsonl"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.grid:
         run_grid(args)
@@ -273,8 +277,17 @@ def run(args) -> int:
     result = measure(cfg, args.device, args.steps, args.workdir, overrides)
     with args.out.open("a", encoding="utf-8") as handle:  # one line per process, appended whole
         handle.write(json.dumps(result) + "\n")
-    print(json.dumps(result))
+    print(describe(result) + f"  (appended to {args.out})")
     return 0
+
+
+def describe(result: dict) -> str:
+    """One line a person reads: the configuration, the prediction and, on a GPU, the measurement."""
+    what = (f"{result['arch']} r={result['rank']} seq {result['seq_len']} x {result['batch_size']}, checkpointing "
+            f"{'on' if result['checkpointing'] else 'off'}, {result['attn']}")
+    measured = (f", nvidia-smi {result['nvidia_smi_gib']:.2f} GiB ({result['error_percent']:+.1f}%)"
+                if result.get("nvidia_smi_gib") is not None else "")
+    return f"{what}: predicted {result['predicted_gib']:.2f} GiB{measured}, {result['seconds']:.0f} s"
 
 
 if __name__ == "__main__":

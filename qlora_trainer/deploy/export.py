@@ -29,6 +29,7 @@ from qlora_trainer.deploy.export_verify import DEFAULT_PROMPTS, compare_logits, 
 from qlora_trainer.errors import UserError
 from qlora_trainer.files.damaged_files import check_safetensors, read_json_object
 from qlora_trainer.files.made_dirs import make_dirs, remove_empty
+from qlora_trainer.files.model_card import adapter_name, shown_name
 from qlora_trainer.files.run_dir import apply_umask
 from qlora_trainer.files.staging import clear_abandoned, held, make_staging_dir, rename_no_replace
 from qlora_trainer.loading import base_fingerprint
@@ -364,16 +365,16 @@ def exact_reference(model):
 
 def _write_model_card(target: Path, source: AdapterSource, options: ExportOptions, report: dict) -> None:
     recipe = source.recipe
-    lines = [f"# Merged QLoRA fine-tune of {source.base.name_or_path}", "",
+    lines = [f"# Merged QLoRA fine-tune of {shown_name(source.base.name_or_path)}", "",
              "Exported by qlora-trainer: plain transformers weights, no PEFT or bitsandbytes needed.", "",
-             f"- base model: `{source.base.name_or_path}`",
-             f"- adapter: `{source.adapter_dir}`",
+             f"- base model: `{shown_name(source.base.name_or_path)}`",
+             f"- adapter: `{adapter_name(source.adapter_dir)}`",
              f"- export: {options.dtype}, merged into the "
              f"{'NF4-dequantized base weights the adapter was trained against' if options.base_weights == 'dequantized' else 'original 16-bit base weights'}"]
     if recipe is not None:
         lines += [f"- LoRA: r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, dropout={recipe.lora.dropout:g}, targets {recipe.lora.target_modules}",
                   f"- quantization during training: {recipe.quantization.quant_type}, double quant {recipe.quantization.double_quant}, compute {recipe.quantization.compute_dtype}",
-                  f"- dataset: `{recipe.data.path}`"]
+                  f"- dataset: `{shown_name(recipe.data.path)}`"]
     if report.get("tokens"):
         lines.append(f"- verification: top-1 agreement {report['top1_agreement']:.2%}, relative logit error "
                      f"{report['relative_logit_error']:.4f} against the 4-bit base + adapter on {report['tokens']} tokens")

@@ -21,6 +21,7 @@ from qlora_trainer.deploy.adapter_source import (
 )
 from qlora_trainer.errors import UserError
 from qlora_trainer.files.made_dirs import missing_dirs, remove_made
+from qlora_trainer.files.model_card import adapter_name, shown_name
 from qlora_trainer.files.run_dir import apply_umask
 from qlora_trainer.files.staging import clear_abandoned, held
 from qlora_trainer.loading import base_fingerprint
@@ -150,18 +151,18 @@ def _write_modelfile(staging: Path, gguf_name: str, tokenizer, eos_ids: list[int
               "no TEMPLATE and Ollama uses the template stored in the GGUF")
     for note in wrappers.notes if wrappers else []:
         print(f"note: {note}")
-    header = f"Ollama Modelfile made by qlora-trainer for a fine-tune of {source.base.name_or_path}.\n" \
+    header = f"Ollama Modelfile made by qlora-trainer for a fine-tune of {shown_name(source.base.name_or_path)}.\n" \
              f"ollama create NAME -f Modelfile   (run in this directory)"
     text = modelfile.modelfile(gguf_name, wrappers, modelfile.stop_tokens(tokenizer, wrappers, eos_ids), header)
     (staging / "Modelfile").write_text(text, encoding="utf-8")
 
 
 def _write_card(staging: Path, source: AdapterSource, report: dict) -> None:
-    lines = [f"# GGUF of a QLoRA fine-tune of {source.base.name_or_path}", "",
+    lines = [f"# GGUF of a QLoRA fine-tune of {shown_name(source.base.name_or_path)}", "",
              "Exported by qlora-trainer with llama.cpp's converter (llama-cpp-python "
              f"{llama_cpp_converter.LLAMA_CPP_PYTHON_VERSION}). Run it with llama.cpp, or `ollama create NAME -f "
              "Modelfile` in this directory.", "",
-             f"- base model: `{source.base.name_or_path}`", f"- adapter: `{source.adapter_dir}`",
+             f"- base model: `{shown_name(source.base.name_or_path)}`", f"- adapter: `{adapter_name(source.adapter_dir)}`",
              f"- file: `{report['file']}` ({report['quant']})"]
     if report.get("tokens"):
         lines.append(f"- verification (read back with transformers): tokenization identical on "

@@ -36,6 +36,7 @@ from qlora_trainer.estimate.memory_report import (
     shape_for_model,
 )
 from qlora_trainer.files.made_dirs import undo
+from qlora_trainer.files.model_card import adapter_card
 from qlora_trainer.files.run_dir import (
     CHECKPOINTS,
     SUMMARY,
@@ -246,6 +247,8 @@ def _save_results(recipe, options, trainer, tokenizer, outcome: Outcome, data, l
         rows = read_metrics(run / "metrics.jsonl")
         plot_loss(rows, run / "loss.png", f"{options.recipe_name}: {recipe.model.name_or_path}")
         summary = summarise(recipe, options, trainer, outcome, rows, data, launch)
+        # PEFT's own card is an empty template naming the base by this machine's path.
+        write_text_atomic(run / "adapter" / "README.md", adapter_card(recipe, options.recipe_name, summary))
         write_json_atomic(run / SUMMARY, summary)
     except OSError as err:
         raise _saving_failed(run, err) from None
