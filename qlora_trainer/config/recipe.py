@@ -168,6 +168,12 @@ class TrainSection(_Section):
         None, gt=0, allow_inf_nan=False, description="Cap this process's GPU memory at N GiB (as nvidia-smi counts it) "
         "and plan the `auto` settings for N: proves an 8, 12 or 24 GB card on a bigger one. Default: the free memory."
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Experiment trackers that also get every logged step, through "
+        "transformers' own integrations; each needs its package (pip install tensorboard, wandb, mlflow or trackio). "
+        "TensorBoard writes to the run's tensorboard/; the others follow their own settings (WANDB_PROJECT, "
+        "MLFLOW_TRACKING_URI, TRACKIO_DIR...) and are named after the run."
+    )
     logging_steps: int = Field(10, gt=0, description="Log loss and speed every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (default: at logging_steps x 10).")
     save_steps: int = Field(100, gt=0, description="Checkpoint every N steps.")

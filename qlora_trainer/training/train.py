@@ -48,7 +48,7 @@ from qlora_trainer.files.run_dir import (
 )
 from qlora_trainer.loading import base_fingerprint, model_checks
 from qlora_trainer.loading import model as model_lib
-from qlora_trainer.training import dry_run, gpu_memory, speed_levers
+from qlora_trainer.training import dry_run, gpu_memory, speed_levers, trackers
 from qlora_trainer.training.exact_match import held_out_exact_match
 from qlora_trainer.training.failed_run import KeptOnlyOnceStepped
 from qlora_trainer.training.metrics import plot_loss, read_metrics
@@ -160,6 +160,7 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
     predicted = estimate(shape, settings_from_recipe(recipe, planned))
     print(_memory_report(recipe, predicted, chosen, device, options.recipe_name), flush=True)
     check_data_path(recipe.data)
+    trackers.check_trackers(recipe.train.report_to)
     unchecked = _check_machine(recipe, options, device, predicted, shape, chosen)
 
     if options.dry_run and not dry_run.readable_here(recipe, unchecked):

@@ -11,7 +11,7 @@ from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import UserError
 from qlora_trainer.files.run_dir import CHECKPOINTS
 from qlora_trainer.loading import model as model_lib
-from qlora_trainer.training import speed_levers
+from qlora_trainer.training import speed_levers, trackers
 from qlora_trainer.training.metrics import MetricsLogger
 from qlora_trainer.training.progress import ProgressLines
 from qlora_trainer.training.sft_trainer import qlora_sft_trainer
@@ -38,7 +38,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str
             eval_dataset=data.eval,
             processing_class=tokenizer,
             peft_config=model_lib.lora_config(recipe.lora),
-            callbacks=[MetricsLogger(run / "metrics.jsonl"), *callbacks],
+            callbacks=[MetricsLogger(run / "metrics.jsonl"), *callbacks,
+                       *filter(None, [trackers.tensorboard_callback(recipe.train.report_to, run)])],
         )
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(ProgressLines)
@@ -103,7 +104,9 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: L
         seed=t.seed,
         data_seed=t.seed,
         use_cpu=device == "cpu",
-        report_to=[],
+        report_to=trackers.report_to(t.report_to),
+        run_name=run.name,  # what wandb, mlflow and trackio call the run
+        project="qlora-trainer",  # trackio's project (transformers' default is "huggingface")
         dataloader_num_workers=0,
         # Every LoRA weight takes part in every step; searching the graph for unused ones costs time each step
         # and fails with non-reentrant checkpointing.
