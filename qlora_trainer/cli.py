@@ -46,6 +46,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def schema_choices(section: str, key: str) -> list[str]:
+    """A flag's choices as the recipe schema states them for the same key, so the two cannot drift apart."""
+    import typing
+
+    from qlora_trainer.config.recipe import Recipe
+
+    annotation = Recipe.model_fields[section].annotation.model_fields[key].annotation
+    return list(typing.get_args(annotation))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora-trainer", formatter_class=HelpFormatter,
@@ -79,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--rank", type=int, help="LoRA rank (default: the recipe default, 8)")
     est.add_argument("--seq-len", type=int, help="sequence length (default 2048)")
     est.add_argument("--batch-size", type=int, help="micro-batch size (default 1)")
-    est.add_argument("--optimizer", choices=["paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_torch"])
+    est.add_argument("--optimizer", choices=schema_choices("train", "optimizer"), help="the optimizer whose state is counted")
     est.add_argument("--no-gradient-checkpointing", action="store_true", help="estimate without checkpointing")
     est.add_argument("--gpus", type=int, help="GPUs the run is spread over (default: the recipe's distributed.num_gpus, else 1)")
-    est.add_argument("--strategy", choices=["single", "ddp", "fsdp"], help="multi-GPU strategy (default: the recipe's, "
+    est.add_argument("--strategy", choices=schema_choices("distributed", "strategy"), help="multi-GPU strategy (default: the recipe's, "
                      "else ddp with --gpus above 1)")
     est.add_argument("--cpu-offload", action="store_true", help="FSDP with parameters and optimizer state in CPU RAM")
     est.add_argument("--gpu-memory", type=float, metavar="GIB", help="GPU memory in GiB: adds fits and headroom")
@@ -92,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", parents=[common], help="merge an adapter into its base and write fp16/bf16 safetensors")
     exp.add_argument("source", type=path_arg, help="run directory or adapter directory")
     exp.add_argument("--output", type=path_arg, required=True, help="directory to write (must not exist unless --force)")
-    exp.add_argument("--dtype", choices=["float16", "bfloat16"], help="dtype of the export (default: the recipe's export.dtype, else float16)")
+    exp.add_argument("--dtype", choices=schema_choices("export", "dtype"), help="dtype of the export (default: the recipe's export.dtype, else float16)")
     exp.add_argument("--base-weights", choices=["dequantized", "original"], default="dequantized",
                      help="merge into the NF4-rounded weights training saw (default, exact) or the original 16-bit ones")
     exp.add_argument("--base", help="base model to merge into (default: the one the run or adapter names)")

@@ -176,3 +176,16 @@ def test_a_cached_shape_is_the_shape(tmp_path, monkeypatch):
         entry.write_text("{damaged", encoding="utf-8")  # a damaged entry is read again, not trusted
     assert shape_for_model("llama-2-7b") == model_shape(load_architecture("llama-2-7b"), "llama-2-7b")
     assert dataclasses.asdict(shape_for_model("llama-2-7b"))["linears"]
+
+
+def test_flag_choices_are_the_schemas():
+    import typing
+
+    from qlora_trainer.config.recipe import DistributedSection, ExportSection, TrainSection
+
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if a.dest == "command").choices
+    found = {a.dest: a.choices for name in ("estimate", "export") for a in subs[name]._actions if a.choices}
+    assert found["optimizer"] == list(typing.get_args(TrainSection.model_fields["optimizer"].annotation))
+    assert found["strategy"] == list(typing.get_args(DistributedSection.model_fields["strategy"].annotation))
+    assert found["dtype"] == list(typing.get_args(ExportSection.model_fields["dtype"].annotation))
