@@ -9,8 +9,8 @@ Each run is its own process, so no run inherits another's allocator cache or com
 run: tokens/s (the median over optimizer steps after the first), peak memory as nvidia-smi shows it (NVML's
 per-process figure, sampled while the run trains), MFU (6 x parameters x tokens/s over the GPU's dense bf16
 peak), and the ratios between runs. Results go to benchmarks/speed/<gpu>-<cap>-<date>.json.
-Unsloth runs where it can be imported (bash ../shared/tools/device-wheels.sh --unsloth builds wheels for it; put
-them in their own --target and pass it with --unsloth-path, since it pins its own transformers).
+Unsloth runs where it can be imported: install it into its own directory (pip install --target DIR unsloth)
+and pass that with --unsloth-path, since it pins its own transformers.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from measure_vram import build_weights, synthetic_rows  # noqa: E402  (the same random weights and rows)
 
-GIB = 2**30
+from qlora_trainer.estimate.memory import GIB  # noqa: E402 - after the path that finds the package
+
 # Dense bf16 peak per GPU, TFLOP/s, for MFU (the vendors' data sheets, without sparsity).
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "RTX 4090": 165, "RTX 3090": 71, "A6000": 155}
 # The CPU smoke version: the llama-7b layout at toy size.

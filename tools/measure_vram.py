@@ -34,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from qlora_trainer.estimate.memory import GIB  # noqa: E402 - after the path that finds the package
+
 GRID = {"arch": ["llama-2-7b", "llama-3.1-8b", "qwen2.5-7b"], "rank": [8, 64], "seq_len": [512, 2048],
         "batch_size": [1, 4], "checkpointing": [True, False]}
 # The levers the speed work may choose, each on llama-2-7b at micro-batch 4 (where they matter), other ranks,
@@ -41,7 +43,6 @@ GRID = {"arch": ["llama-2-7b", "llama-3.1-8b", "qwen2.5-7b"], "rank": [8, 64], "
 LEVERS = [{"offload": True}, {"kernels": "liger"}, {"offload": True, "kernels": "liger"}, {"packing": True},
           {"lora_dropout": 0.0}, {"rank": 16, "batch_size": 2, "seq_len": 1024}]
 DEFAULTS = {"attn": "sdpa", "offload": False, "kernels": "none", "packing": False, "lora_dropout": 0.05, "cap": None}
-GIB = 2**30
 
 
 def grid_configs() -> list[dict]:

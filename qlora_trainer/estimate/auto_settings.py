@@ -22,7 +22,7 @@ from qlora_trainer.estimate.memory import GIB, ModelShape, estimate
 from qlora_trainer.estimate.memory_report import settings_from_recipe
 
 # Relative time per token of a training step, measured on an H100 (llama-7b shape, r=8, seq_len 2048,
-# shared/calibration/README.md): 3,405 tokens/s at micro-batch 1 and 7,411 at 4 with checkpointing, 4,944 at
+# the H100 figures in docs/speed.md): 3,405 tokens/s at micro-batch 1 and 7,411 at 4 with checkpointing, 4,944 at
 # micro-batch 1 without. Time per token = (1 + PER_MICRO_STEP / micro_batch) x (RECOMPUTE if checkpointing):
 # a fixed cost per micro-step that larger micro-batches share, and the recomputed forward. TRL's activation
 # offloading costs 0.5%. Only the order of the candidates matters, and that order holds across model sizes.

@@ -20,7 +20,8 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-GIB = 2**30
+from qlora_trainer.estimate.memory import GIB
+
 SAMPLE_SECONDS = 0.2
 
 
