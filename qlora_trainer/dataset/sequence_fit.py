@@ -64,7 +64,13 @@ def _fit_split(rows, split: str, data: Data, section: DataSection, tokenizer, se
 
 
 def token_lengths(row: dict, tokenizer, template: str | None, train_on_prompt: bool) -> tuple[int, int]:
-    """(tokens in the row, index of its first loss token), tokenized the way TRL's SFTTrainer does."""
+    """(tokens in the row, index of its first loss token), tokenized the way TRL's SFTTrainer does. A preference
+    pair counts as its longer sequence, prompt plus chosen or prompt plus rejected (the way TRL's DPOTrainer
+    tokenizes each of them, as a prompt and a completion)."""
+    if "chosen" in row:
+        both = [token_lengths({"prompt": row["prompt"], "completion": row[answer]}, tokenizer, template, train_on_prompt)
+                for answer in ("chosen", "rejected")]
+        return max(total for total, _ in both), min(start for _, start in both)
     if "messages" in row:
         out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True, chat_template=template,
                                             return_assistant_tokens_mask=not train_on_prompt)

@@ -164,7 +164,7 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
         if recipe.train.gpu_memory_gib is not None:
             gpu_budget.apply_cap(recipe.train.gpu_memory_gib)
 
-    data = load_data(recipe.data, recipe.train.seed)  # before the run directory: bad data leaves nothing behind
+    data = load_data(recipe.data, recipe.train.seed, recipe.train.method)  # before the run directory: bad data leaves nothing
     if recipe.eval.exact_match and not isinstance(data.eval[0].get("prompt"), str):
         raise UserError(f"eval.exact_match needs text prompt/completion rows (or alpaca); {data.source} is {data.format}")
     tokenizer = model_lib.load_tokenizer(recipe.model)
