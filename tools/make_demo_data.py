@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=3000, help="training rows")
     parser.add_argument("--heldout", type=int, default=300, help="held-out rows")
     parser.add_argument("--pairs", type=int, default=2000, help="training preference pairs (tiny-dpo)")
-    parser.add_argument("--heldout-pairs", type=int, default=200, help="held-out preference pairs")
+    parser.add_argument("--heldout-pairs", type=int, default=100, help="held-out preference pairs")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "recipes" / "data")
     args = parser.parse_args()
