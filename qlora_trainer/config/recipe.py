@@ -345,7 +345,7 @@ class Recipe(_Section):
                     "reward margin instead: remove eval.exact_match")
         if t.packing is True or t.padding_free is True:
             return f"train.packing and train.padding_free are for sft rows; remove them for train.method {method}"
-        if method == "kto" and self.kto.loss_type == "kto" and t.micro_batch_size == 1:
+        if method == "kto" and self.kto.loss_type == "kto" and (t.micro_batch_size == 1 or t.global_batch() < 2):
             return ("kto.loss_type kto estimates its KL term across each micro-batch: train.micro_batch_size must be "
-                    "2 or more (or auto)")
+                    "2 or more (or auto, with a global batch of 2 or more)")
         return None

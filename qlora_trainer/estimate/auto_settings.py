@@ -16,6 +16,7 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.estimate import attention
 from qlora_trainer.estimate.memory import GIB, ModelShape, estimate
 from qlora_trainer.estimate.memory_report import settings_from_recipe
+from qlora_trainer.estimate.method_memory import min_micro_batch
 
 # Plan for this share of the budget: the estimator is held to +5% / -3% of nvidia-smi, so 5% keeps a run that
 # the estimate under-predicts inside the card.
@@ -97,7 +98,8 @@ def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch
     fixed = {"micro_batch_size": t.micro_batch_size, "gradient_checkpointing": t.gradient_checkpointing,
              "activation_offloading": t.activation_offloading}
     chosen = [key for key, value in fixed.items() if value == AUTO] + (["kernels"] if t.kernels == AUTO else [])
-    defaults = {"micro_batch_size": 1, "gradient_checkpointing": True, "activation_offloading": False}
+    smallest = min_micro_batch(t.method)
+    defaults = {"micro_batch_size": smallest, "gradient_checkpointing": True, "activation_offloading": False}
     if budget.gib is None or not on_gpu:
         values = {key: defaults[key] if value == AUTO else value for key, value in fixed.items()}
         predicted = _predict(recipe, shape, kernels, launch, **values)
@@ -105,7 +107,7 @@ def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch
                     chosen=chosen + auto_attention, notes=notes, attn_implementation=attn)
     limit = budget.gib * (1 - SAFETY_MARGIN)
     scored = []
-    for values in _candidates(fixed, t.global_batch(world) // world):
+    for values in _candidates(fixed, t.global_batch(world) // world, smallest):
         predicted = _predict(recipe, shape, kernels, launch, **values)
         speed = relative_time_per_token(values["micro_batch_size"], values["gradient_checkpointing"],
                                         values["activation_offloading"])
@@ -120,11 +122,11 @@ def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch
                 chosen=chosen + auto_attention, notes=notes, attn_implementation=attn)
 
 
-def _candidates(fixed: dict, per_process_batch: int) -> list[dict]:
+def _candidates(fixed: dict, per_process_batch: int, smallest: int = 1) -> list[dict]:
     """Every combination of the auto keys' values; micro-batches divide the per-process global batch, so the
-    accumulation that keeps the global batch is a whole number."""
+    accumulation that keeps the global batch is a whole number, and are at least what the method needs."""
     options = {
-        "micro_batch_size": [m for m in range(1, per_process_batch + 1) if per_process_batch % m == 0],
+        "micro_batch_size": [m for m in range(smallest, per_process_batch + 1) if per_process_batch % m == 0],
         "gradient_checkpointing": [False, True],
         "activation_offloading": [False, True],
     }
