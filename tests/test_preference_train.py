@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -109,3 +110,52 @@ def test_a_preference_run_failing_mid_way_keeps_its_checkpoints(tiny_model_dir, 
     assert "No space left on device" in str(info.value) and "--resume" in str(info.value)
     assert latest_checkpoint(run) == run / "checkpoints" / "checkpoint-2"
     assert not (run / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_dpo_run_exports_and_generates_its_preferred_labels(dpo_run, tmp_path):
+    result = run_cli("export", str(dpo_run), "--output", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "merged" / "export.json").read_text())
+    assert report["verified"] and report["top1_agreement"] >= 0.99, report
+    pairs = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
+    examples = [next(p for p in pairs if p["chosen"] == label) for label in (" complaint", " no complaint")]
+    for source in (dpo_run, tmp_path / "merged"):
+        for pair in examples:
+            result = run_cli("generate", str(source), "--prompt", pair["prompt"], "--max-new-tokens", "3")
+            assert result.returncode == 0, result.stderr[-2000:]
+            answer = result.stdout.split(pair["prompt"].splitlines()[-1], 1)[-1]
+            # The first label it writes is the preferred one (its first token can be a stray byte: DPO trains the
+            # answers' log-probabilities, not the token that follows the prompt's last one).
+            first = re.search(r"no complaint|complaint", answer)
+            assert first and first.group(0) == pair["chosen"].strip(), (source, pair, answer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_killed_preference_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path, method):
+    from test_resume_fallback import assert_ended_as_uninterrupted, killed_copy, resume_argv, run_main
+
+    path = tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, data={"path": str(PAIRS), "format": "auto", "max_rows": 64},
+                       train={"method": method, "learning_rate": 2e-3, "save_total_limit": 5})
+    finished = tmp_path / "finished"
+    code, _, err = run_main(["--recipe", str(path), "--output-dir", str(finished)])
+    assert code == 0, err[-3000:]
+    run = killed_copy(finished, tmp_path / "run", drop_checkpoints=("checkpoint-4",))
+    code, _, err = run_main(resume_argv(run))
+    assert code == 0, err[-3000:]
+    assert_ended_as_uninterrupted(run, finished, range(3, 5))
+    assert json.loads((run / "summary.json").read_text())["method"] == method
+
+
+def test_a_resume_with_another_method_is_refused(tiny_model_dir, tmp_path):
+    from helpers import refused_cleanly
+
+    run = tmp_path / "run"
+    run.mkdir()
+    sft = tiny_recipe(tmp_path / "sft.yaml", tiny_model_dir)
+    (run / "recipe.yaml").write_text(sft.read_text())
+    dpo = tiny_recipe(tmp_path / "dpo.yaml", tiny_model_dir, data={"path": str(PAIRS), "format": "auto"},
+                      train={"method": "dpo"})
+    refused_cleanly(["--recipe", str(dpo), "--output-dir", str(run), "--resume"], 2,
+                    "--resume: train.method is dpo but the run used sft", [run])
