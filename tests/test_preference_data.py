@@ -146,3 +146,13 @@ def test_shipped_demo_pairs_are_what_the_tool_writes(tmp_path):
     train = [json.loads(line)["prompt"] for line in (tmp_path / "complaints-pref-train.jsonl").read_text().splitlines()]
     heldout = [json.loads(line)["prompt"] for line in (tmp_path / "complaints-pref-heldout.jsonl").read_text().splitlines()]
     assert not set(train) & set(heldout), "held-out pairs are other tweets"
+
+
+def test_the_plan_names_the_method_and_its_reference(tmp_path):
+    from helpers import run_cli
+
+    result = run_cli("--recipe", "tiny-dpo", "--dry-run", "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("  method"))
+    assert "dpo: beta 0.1, loss_type sigmoid" in line and "one pair" in line and "the base, adapter disabled" in line
+    assert not (tmp_path / "run").exists()

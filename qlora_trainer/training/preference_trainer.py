@@ -57,3 +57,17 @@ def settle_levers(recipe: Recipe) -> Recipe:
     if t.method == "orpo" and t.activation_offloading == "auto":
         off["activation_offloading"] = False
     return settle(recipe, **off) if off else recipe
+
+
+def describe_method(recipe: Recipe) -> list[str]:
+    """The plan's lines on the method and the adapter it starts from (none for a new SFT adapter)."""
+    method, adapter = recipe.train.method, recipe.model.adapter
+    start = [f"continues the adapter of {adapter} (model.adapter)"] if adapter else []
+    if method == "sft":
+        return start
+    section = getattr(recipe, method)
+    keys = ", ".join(f"{k} {v}" for k, v in section.model_dump().items())
+    reference = ("none (ORPO)" if method == "orpo" else "the adapter of model.adapter, frozen" if adapter
+                 else "the base, adapter disabled")
+    unit = "pair" if recipe.data.format != "kto" and method != "kto" else "row"
+    return [f"{method}: {keys}; a sequence per step above is one {unit}; reference: {reference}"] + start
