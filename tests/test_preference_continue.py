@@ -114,3 +114,20 @@ def test_a_bad_adapter_is_refused_before_anything_is_written(sft_run, tiny_model
         path.write_text(yaml.safe_dump(raw))
     refused_cleanly(["--recipe", str(path), "--output-dir", str(tmp_path / "out")], 2,
                     fragment.format(tmp=tmp_path, sft=sft_run), [tmp_path, sft_run])
+
+
+def test_an_adapter_trained_on_other_weights_of_the_same_shapes_is_refused(sft_run, tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dir, other)
+    weights = load_file(str(other / "model.safetensors"))
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, str(other / "model.safetensors"),
+              metadata={"format": "pt"})
+    path = continue_recipe(tmp_path, other, sft_run, seq_len=64)
+    refused_cleanly(["--recipe", str(path), "--output-dir", str(tmp_path / "out")], 2,
+                    "has other weights", [tmp_path / "out", sft_run])
+    line = refused_cleanly(["--recipe", str(path), "--output-dir", str(tmp_path / "out")], 2, "model.adapter")
+    assert "set model.name_or_path to the base it was trained on" in line

@@ -44,9 +44,9 @@ def adopt(recipe: Recipe, base_config) -> Recipe:
     if config.get("peft_type") != "LORA":
         raise UserError(f"model.adapter: {directory} holds a {config.get('peft_type')} adapter; only LoRA adapters "
                         "can be continued")
-    check_adapter_matches(directory, base_config, recipe.model.name_or_path,
-                          fix="set model.name_or_path to the base it was trained on")
-    base_fingerprint.check(directory, recipe.model, "model.adapter")
+    other_base = "set model.name_or_path to the base it was trained on"
+    check_adapter_matches(directory, base_config, recipe.model.name_or_path, fix=other_base)
+    base_fingerprint.check(directory, recipe.model, "model.adapter", other_base_fix=other_base)
     defaults, settings = LoraSection(), {}
     for ours, theirs in LORA_KEYS.items():
         saved = config.get(theirs, getattr(defaults, ours))
