@@ -255,7 +255,8 @@ def detect_format(columns: list[str], requested: str, source: str, method: str =
                             f"columns are {', '.join(columns) or 'none'}{hint}")
         preference_rows.check_method(requested, method, source)
         return requested
-    candidates = preference_rows.formats_for(method) or [f for f in REQUIRED_FIELDS if f not in preference_rows.PREFERENCE_FIELDS]
+    candidates = preference_rows.formats_for(method) or [f for f in REQUIRED_FIELDS
+                                                           if f not in preference_rows.PREFERENCE_FIELDS]
     for fmt in list(candidates) + list(preference_rows.PREFERENCE_FIELDS):
         if all(f in columns for f in REQUIRED_FIELDS[fmt]):
             preference_rows.check_method(fmt, method, source)  # rows of another method's shape: name the key

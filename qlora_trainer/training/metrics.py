@@ -45,7 +45,8 @@ class MetricsLogger(TrainerCallback):
             row.update(self._speed(logs))
         # Preference trainers log their rewards (chosen minus rejected: the margin) and reward accuracy.
         row.update({k: v for k, v in logs.items() if k.startswith(("eval_", "rewards/"))})
-        if logs.get("eval_loss") is not None and self.perplexity:  # perplexity of the eval tokens the loss counts (answers only by default)
+        # Perplexity of the eval tokens the loss counts (answers only by default).
+        if logs.get("eval_loss") is not None and self.perplexity:
             row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 700.0))  # capped: exp overflows a float past ~709
         if self.memory is not None:
             self.memory.sample()

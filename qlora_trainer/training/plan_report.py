@@ -29,7 +29,8 @@ def describe_plan(recipe: Recipe, recipe_name: str, output_dir: Path, device: st
         f"  training  {length}, {_batch_arithmetic(t, launch.world_size)} sequences/step, seq_len {t.seq_len}, lr {t.learning_rate:g} "
         f"{t.lr_scheduler}, {t.optimizer}",
         f"  speed     {_levers(t)}",
-    ] + [f"  method    {line}" for line in describe_method(recipe)] + ([f"  auto      {chosen.describe()}"] if chosen is not None and chosen.chosen else []) + [
+    ] + [f"  method    {line}" for line in describe_method(recipe)] + (
+        [f"  auto      {chosen.describe()}"] if chosen is not None and chosen.chosen else []) + [
         f"  device    {device}, {launch.describe()}",
         f"  output    {output_dir}",
     ] + [f"  NOTE      {note}" for note in _launch_notes(recipe, recipe_name, launch)]
