@@ -1,9 +1,11 @@
-"""Generate the tiny-demo dataset: synthetic customer tweets labelled `complaint` / `no complaint`.
+"""Generate the demo datasets: synthetic customer tweets labelled `complaint` / `no complaint`.
 
 The classic LoRA tutorial task (the RAFT twitter_complaints set), rebuilt synthetically so that nothing is
-downloaded. Rows are prompt/completion pairs; the held-out file shares no tweet with the training file.
+downloaded. The tiny-demo rows are prompt/completion pairs; the tiny-dpo rows are preference pairs whose chosen
+answer is the right label and whose rejected answer is the wrong one. Each held-out file shares no tweet with its
+training file.
 
-    python tools/make_demo_data.py            # writes recipes/data/complaints-{train,heldout}.jsonl
+    python tools/make_demo_data.py    # writes recipes/data/complaints-{train,heldout}.jsonl and complaints-pref-*.jsonl
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ def to_row(tweet: str, label: str) -> dict:
     return {"prompt": f"Tweet: {tweet}\nLabel:", "completion": f" {label}"}
 
 
-def generate(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
+def to_pair(tweet: str, label: str) -> dict:
+    wrong = "no complaint" if label == "complaint" else "complaint"
+    return {"prompt": f"Tweet: {tweet}\nLabel:", "chosen": f" {label}", "rejected": f" {wrong}"}
+
+
+def generate(n_train: int, n_heldout: int, seed: int, row=to_row) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
     seen: set[str] = set()
     rows: list[dict] = []
@@ -57,7 +64,7 @@ def generate(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[
         tweet, label = make_tweet(rng)
         if tweet not in seen:  # distinct tweets, so held-out rows never appear in training
             seen.add(tweet)
-            rows.append(to_row(tweet, label))
+            rows.append(row(tweet, label))
     return rows[:n_train], rows[n_train:]
 
 
@@ -70,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=3000, help="training rows")
     parser.add_argument("--heldout", type=int, default=300, help="held-out rows")
+    parser.add_argument("--pairs", type=int, default=2000, help="training preference pairs (tiny-dpo)")
+    parser.add_argument("--heldout-pairs", type=int, default=100, help="held-out preference pairs")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "recipes" / "data")
     args = parser.parse_args()
@@ -77,6 +86,11 @@ def main() -> None:
     write_jsonl(args.out / "complaints-train.jsonl", train)
     write_jsonl(args.out / "complaints-heldout.jsonl", heldout)
     print(f"wrote {len(train)} training and {len(heldout)} held-out rows to {args.out}")
+    # Another seed: the preference pairs are other tweets than the SFT rows, as a second data set would be.
+    train, heldout = generate(args.pairs, args.heldout_pairs, args.seed + 1, row=to_pair)
+    write_jsonl(args.out / "complaints-pref-train.jsonl", train)
+    write_jsonl(args.out / "complaints-pref-heldout.jsonl", heldout)
+    print(f"wrote {len(train)} training and {len(heldout)} held-out preference pairs to {args.out}")
 
 
 if __name__ == "__main__":

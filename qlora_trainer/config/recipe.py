@@ -41,10 +41,14 @@ class ModelSection(_Section):
         "auto", description="Attention kernel; `auto`: what transformers picks for the model (sdpa, which avoids the "
         "seq_len^2 attention matrix, where the model supports it; eager for Gemma-2). The run's recipe.yaml records it."
     )
+    adapter: str | None = Field(
+        None, description="A finished run directory (RUN) or adapter directory (DIR) to continue training instead of "
+        "starting a new adapter; its LoRA settings are used. For dpo and kto the reference is this adapter, frozen."
+    )
 
-    @field_validator("name_or_path")
+    @field_validator("name_or_path", "adapter")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
+    def _not_blank(cls, value: str | None) -> str | None:
         return _not_blank(value)
 
 
@@ -72,7 +76,7 @@ class LoraSection(_Section):
 
 class DataSection(_Section):
     path: str = Field(description="Local .jsonl/.json/.csv/.parquet file or directory, or a hub dataset id.")
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "preference", "kto"] = Field(
         "auto", description="Row shape; `auto` detects it from the columns (the saved recipe.yaml records what was found)."
     )
     columns: dict[str, str] = Field(
@@ -109,7 +113,8 @@ class DataSection(_Section):
 
 
 # The row fields data.columns can map to dataset columns.
-COLUMN_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "text")
+COLUMN_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "text",
+                 "chosen", "rejected", "label")
 
 
 AUTO = "auto"
@@ -117,7 +122,16 @@ AUTO = "auto"
 PLANNED_KEYS = ("micro_batch_size", "gradient_checkpointing", "activation_offloading")
 
 
+# Training methods: supervised fine-tuning, and the preference methods TRL runs over a PEFT model.
+METHODS = ("sft", "dpo", "orpo", "kto")
+PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+
+
 class TrainSection(_Section):
+    method: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft", description="sft: learn the answers; dpo/orpo: learn to prefer `chosen` over `rejected` answers; kto: "
+        "learn from answers labelled desirable or not. The method's own keys are in the section of its name."
+    )
     seq_len: int = Field(2048, gt=0, description="Longest sequence in tokens; longer rows are truncated.")
     micro_batch_size: int | Literal["auto"] = Field(
         AUTO, description="Sequences per forward pass on one device; `auto`: the largest that fits the GPU's memory "
@@ -229,6 +243,36 @@ class TrainSection(_Section):
         return self
 
 
+class DpoSection(_Section):
+    """TRL's DPOTrainer. The reference is the base model (the adapter disabled), or the adapter of model.adapter."""
+
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (higher: less).")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero",
+                       "apo_down", "sigmoid_norm"] = Field(
+        "sigmoid", description="TRL's DPO loss: sigmoid is the DPO paper's; ipo, hinge, robust and the others as TRL "
+        "documents them.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Share of pairs assumed mislabelled (robust).")
+
+
+class OrpoSection(_Section):
+    """TRL's ORPOTrainer (trl.experimental): the SFT loss on `chosen` plus an odds-ratio term; no reference model."""
+
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term (lambda in the ORPO paper).")
+
+
+class KtoSection(_Section):
+    """TRL's KTOTrainer: unpaired rows labelled desirable or not (preference pairs are split into two such rows)."""
+
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (higher: less).")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="kto estimates a KL term across each micro-batch (needs micro_batch_size 2 or more).")
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of desirable rows.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of undesirable rows.")
+
+
+METHOD_SECTIONS = {"dpo": DpoSection, "orpo": OrpoSection, "kto": KtoSection}
+
+
 class EvalSection(_Section):
     exact_match: bool = Field(
         False, description="Before and after training, greedily complete the eval prompts and report exact-match accuracy."
@@ -278,6 +322,9 @@ class Recipe(_Section):
     lora: LoraSection = LoraSection()
     data: DataSection
     train: TrainSection = TrainSection()
+    dpo: DpoSection = DpoSection()
+    orpo: OrpoSection = OrpoSection()
+    kto: KtoSection = KtoSection()
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
     distributed: DistributedSection = DistributedSection()
@@ -289,4 +336,33 @@ class Recipe(_Section):
         if self.train.padding_free is True and self.train.packing is not True and self.data.overlong != "drop":
             raise ValueError("train.padding_free without train.packing needs data.overlong: drop (TRL cannot truncate "
                              "padding-free batches); or set train.packing: true")
+        method_problem = self._method_problem()
+        if method_problem:
+            raise ValueError(method_problem)
         return self
+
+    def _method_problem(self) -> str | None:
+        """What train.method needs from the other sections."""
+        method, t = self.train.method, self.train
+        for name, section in METHOD_SECTIONS.items():
+            if name != method and getattr(self, name) != section():
+                return f"the {name} section is set but train.method is {method}; set train.method: {name} or remove it"
+        sft_formats, preference_formats = ("preference", "kto"), {"dpo": ("preference",), "orpo": ("preference",),
+                                                                   "kto": ("preference", "kto")}
+        if method == "sft" and self.data.format in sft_formats:
+            return (f"data.format {self.data.format} holds preference rows; set train.method: dpo, orpo or kto "
+                    "(kto for labelled rows)")
+        if method == "sft":
+            return None
+        if self.data.format not in ("auto",) + preference_formats[method]:
+            return (f"train.method {method} needs {' or '.join(preference_formats[method])} rows, not data.format "
+                    f"{self.data.format}; set data.format: auto")
+        if self.eval.exact_match:
+            return (f"eval.exact_match is for sft runs; a {method} run reports held-out preference accuracy and "
+                    "reward margin instead: remove eval.exact_match")
+        if t.packing is True or t.padding_free is True:
+            return f"train.packing and train.padding_free are for sft rows; remove them for train.method {method}"
+        if method == "kto" and self.kto.loss_type == "kto" and (t.micro_batch_size == 1 or t.global_batch() < 2):
+            return ("kto.loss_type kto estimates its KL term across each micro-batch: train.micro_batch_size must be "
+                    "2 or more (or auto, with a global batch of 2 or more)")
+        return None

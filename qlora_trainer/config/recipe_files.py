@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from qlora_trainer.config.recipe import Recipe
+from qlora_trainer.config.recipe import METHOD_SECTIONS, Recipe
 from qlora_trainer.errors import UserError
 from qlora_trainer.files.given_paths import unusable
 
@@ -267,18 +267,18 @@ def _merge(into: dict, changes: dict) -> None:
 
 
 def _resolve_relative_paths(raw: dict, base: Path) -> None:
-    """A data path written in a recipe is relative to the recipe file, when such a file exists there."""
-    data = raw.get("data")
-    if not isinstance(data, dict):
-        return
-    for key in ("path", "eval_path"):
-        value = data.get(key)
+    """A data or adapter path written in a recipe is relative to the recipe file, when such a path exists there."""
+    for section, key in (("data", "path"), ("data", "eval_path"), ("model", "adapter")):
+        values = raw.get(section)
+        value = values.get(key) if isinstance(values, dict) else None
         # A blank value stays blank for validation to refuse (`base / ""` is the recipe's own directory), and so
         # does one the OS cannot use, which validation names by its key.
         if (isinstance(value, str) and value.strip() and not Path(value).is_absolute() and unusable(base / value) is None
                 and (base / value).exists()):
-            data[key] = str((base / value).resolve())
+            values[key] = str((base / value).resolve())
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    # Only the section of the method that trains: the others hold their defaults (validation refuses them set).
+    unused = {name for name in METHOD_SECTIONS if name != recipe.train.method}
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude=unused), sort_keys=False)

@@ -15,28 +15,32 @@ from pathlib import Path
 
 from qlora_trainer.config.recipe import DataSection
 from qlora_trainer.console import datasets_quiet
+from qlora_trainer.dataset import preference_rows
 from qlora_trainer.dataset.chat_templates import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+from qlora_trainer.dataset.row_fields import SHAREGPT_ROLES
+from qlora_trainer.dataset.row_fields import messages_problem as _messages_problem
+from qlora_trainer.dataset.row_fields import type_problem as _type_problem
 from qlora_trainer.errors import UserError, first_line
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 UTF8_BOM = b"\xef\xbb\xbf"  # some Windows editors start UTF-8 files with it
 
-# The fields each format needs; `auto` picks the first format whose fields are all present.
+# The fields each format needs; `auto` picks the first format whose fields are all present, among the formats
+# train.method trains on.
 REQUIRED_FIELDS = {
+    **preference_rows.PREFERENCE_FIELDS,
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
 }
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-ROLES = {"system", "user", "assistant", "tool"}
 
 
 @dataclass
 class Data:
     train: object  # datasets.Dataset in the shape TRL reads
     eval: object | None
-    format: str  # as detected: messages, sharegpt, prompt_completion, alpaca or text
+    format: str  # as detected: messages, sharegpt, prompt_completion, alpaca, text, preference or kto
     source: str
     notes: list[str] = field(default_factory=list)  # what happened to the rows, for the run output
     stats: dict = field(default_factory=dict)  # the same as numbers, for summary.json
@@ -49,14 +53,14 @@ class _Rows:
     rows: list[tuple[str, dict | None, str | None]]  # (where, row, problem reading it)
 
 
-def load_data(section: DataSection, seed: int) -> Data:
-    """Load, check and convert the training (and eval) rows. Sets `section.format` to the detected format, so the
-    saved recipe records it and a rerun checks it."""
+def load_data(section: DataSection, seed: int, method: str = "sft") -> Data:
+    """Load, check and convert the training (and eval) rows for train.method `method`. Sets `section.format` to
+    the detected format, so the saved recipe records it and a rerun checks it."""
     raw = _read_source(section.path, section, "path")
     if section.max_rows:
         raw.rows = raw.rows[:section.max_rows]
     _require_some_object(raw)
-    fmt = detect_format(_columns(raw), section.format, raw.source)
+    fmt = detect_format(_columns(raw), section.format, raw.source, method)
     section.format = "messages" if fmt == "sharegpt" else fmt
     stats: dict = {}
     notes: list[str] = []
@@ -65,7 +69,7 @@ def load_data(section: DataSection, seed: int) -> Data:
     if section.eval_path:
         eval_raw = _read_source(section.eval_path, section, "eval_path")
         _require_some_object(eval_raw)
-        eval_fmt = detect_format(_columns(eval_raw), section.format, eval_raw.source)
+        eval_fmt = detect_format(_columns(eval_raw), section.format, eval_raw.source, method)
         eval_set = _convert(eval_raw, eval_fmt, section, stats, notes, "eval")
     elif section.eval_fraction > 0:
         held_out = round(len(train) * section.eval_fraction)
@@ -254,8 +258,8 @@ def _columns(raw: _Rows) -> list[str]:
     return list(dict.fromkeys(k for _, row, _ in raw.rows if row for k in row))
 
 
-def detect_format(columns: list[str], requested: str, source: str) -> str:
-    if "conversations" in columns and "messages" not in columns and requested in ("auto", "messages"):
+def detect_format(columns: list[str], requested: str, source: str, method: str = "sft") -> str:
+    if "conversations" in columns and "messages" not in columns and requested in ("auto", "messages") and method == "sft":
         return "sharegpt"
     hint = "; map other column names with data.columns, e.g. {prompt: question, completion: answer}"
     if requested != "auto":
@@ -263,10 +267,18 @@ def detect_format(columns: list[str], requested: str, source: str) -> str:
         if missing:
             raise UserError(f"{source}: data.format is {requested} but the rows have no {', '.join(missing)} field; "
                             f"columns are {', '.join(columns) or 'none'}{hint}")
+        preference_rows.check_method(requested, method, source)
         return requested
-    for fmt, fields in REQUIRED_FIELDS.items():
-        if all(f in columns for f in fields):
+    candidates = preference_rows.formats_for(method) or [f for f in REQUIRED_FIELDS
+                                                           if f not in preference_rows.PREFERENCE_FIELDS]
+    for fmt in list(candidates) + list(preference_rows.PREFERENCE_FIELDS):
+        if all(f in columns for f in REQUIRED_FIELDS[fmt]):
+            preference_rows.check_method(fmt, method, source)  # rows of another method's shape: name the key
             return fmt
+    if method != "sft":
+        wanted = " or ".join("+".join(REQUIRED_FIELDS[f]) for f in preference_rows.formats_for(method))
+        raise UserError(f"{source}: train.method {method} needs rows with {wanted}; the columns are "
+                        f"{', '.join(columns) or '(none)'}; map other names with data.columns, e.g. {{chosen: good}}")
     raise UserError(f"{source}: cannot tell the data format from the columns {', '.join(columns) or '(none)'}; rows need "
                     f"messages, conversations, prompt+completion, instruction+output or text{hint}")
 
@@ -323,6 +335,8 @@ def _reason(problem: str) -> str:
 
 
 def _row_problem(row: dict, fmt: str) -> str | None:
+    if fmt in preference_rows.PREFERENCE_FIELDS:
+        return preference_rows.row_problem(row, fmt)
     if fmt == "messages":
         return _messages_problem(row.get("messages"), "messages", "role", "content")
     if fmt == "sharegpt":
@@ -345,30 +359,12 @@ def _row_problem(row: dict, fmt: str) -> str | None:
     return None
 
 
-def _type_problem(name: str, value, expected: str) -> str:
-    got = "nothing" if value is None else type(value).__name__
-    return f"field '{name}' must be {expected}, got {got}"
-
-
-def _messages_problem(turns, name: str, role_key: str, content_key: str, needs_assistant: bool = True) -> str | None:
-    if not isinstance(turns, list) or not turns:
-        return f"field '{name}' must be a non-empty list of turns, got {type(turns).__name__ if turns is not None else 'nothing'}"
-    roles = SHAREGPT_ROLES if role_key == "from" else {r: r for r in ROLES}
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) or not isinstance(turn.get(content_key), str):
-            return f"field '{name}[{i}]' needs string '{role_key}' and '{content_key}' fields"
-        if turn[role_key] not in roles:
-            return f"field '{name}[{i}].{role_key}' is '{turn[role_key]}'; expected one of {', '.join(roles)}"
-    if needs_assistant and not any(roles[t[role_key]] == "assistant" for t in turns):
-        return f"field '{name}' has no assistant turn to learn from"
-    return None
-
-
 def _kind_problem(row: dict, first: dict | None) -> str | None:
-    """Prompt/completion rows must all be strings or all be message lists, as one Arrow column must be one type."""
+    """Prompt/completion (and preference) rows must all be strings or all be message lists, as one Arrow column
+    must be one type."""
     if first is None or "prompt" not in row:
         return None
-    for name in ("prompt", "completion"):
+    for name in [n for n in ("prompt", "completion", "chosen", "rejected") if n in row]:
         if isinstance(row[name], list) != isinstance(first[name], list):
             kind = "a message list" if isinstance(row[name], list) else "a string"
             return f"field '{name}' is {kind}, unlike the first row; use one kind throughout the file"
@@ -376,6 +372,8 @@ def _kind_problem(row: dict, first: dict | None) -> str | None:
 
 
 def _to_trainer_row(row: dict, fmt: str) -> dict:
+    if fmt in preference_rows.PREFERENCE_FIELDS:
+        return preference_rows.to_trainer_row(row, fmt)
     if fmt == "alpaca":
         template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
         return {"prompt": template.format(instruction=row["instruction"], input=row.get("input") or ""),
@@ -391,6 +389,8 @@ def _to_trainer_row(row: dict, fmt: str) -> dict:
 
 
 def _answer_is_empty(row: dict) -> bool:
+    if "chosen" in row or "label" in row:
+        return preference_rows.answer_is_empty(row)
     if "messages" in row:
         return any(t["role"] == "assistant" and not t["content"].strip() for t in row["messages"])
     if "completion" in row:

@@ -64,7 +64,13 @@ def _fit_split(rows, split: str, data: Data, section: DataSection, tokenizer, se
 
 
 def token_lengths(row: dict, tokenizer, template: str | None, train_on_prompt: bool) -> tuple[int, int]:
-    """(tokens in the row, index of its first loss token), tokenized the way TRL's SFTTrainer does."""
+    """(tokens in the row, index of its first loss token), tokenized the way TRL's SFTTrainer does. A preference
+    pair counts as its longer sequence, prompt plus chosen or prompt plus rejected (the way TRL's DPOTrainer
+    tokenizes each of them, as a prompt and a completion)."""
+    if "chosen" in row:
+        both = [token_lengths({"prompt": row["prompt"], "completion": row[answer]}, tokenizer, template, train_on_prompt)
+                for answer in ("chosen", "rejected")]
+        return max(total for total, _ in both), min(start for _, start in both)
     if "messages" in row:
         out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True, chat_template=template,
                                             return_assistant_tokens_mask=not train_on_prompt)
@@ -73,14 +79,21 @@ def token_lengths(row: dict, tokenizer, template: str | None, train_on_prompt: b
     if "text" in row:
         text = row["text"] if row["text"].endswith(tokenizer.eos_token) else row["text"] + tokenizer.eos_token
         return len(tokenizer(text)["input_ids"]), 0
-    if isinstance(row["prompt"], list):
-        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)
+    ids, start = completion_ids(row["prompt"], row["completion"], tokenizer)
+    return len(ids), 0 if train_on_prompt else start
+
+
+def completion_ids(prompt, completion, tokenizer) -> tuple[list[int], int]:
+    """The ids of prompt + completion as TRL's trainers tokenize them (chat template for message lists, EOS after
+    a text completion), and the index where the completion starts: where the ids of the prompt alone and of
+    prompt + completion part, as TRL finds it."""
+    if isinstance(prompt, list):
+        alone = tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)
     else:
-        completion = row["completion"] if row["completion"].endswith(tokenizer.eos_token) else row["completion"] + tokenizer.eos_token
-        prompt, full = tokenizer(row["prompt"]), tokenizer(row["prompt"] + completion)
-    start = 0 if train_on_prompt else _common_prefix(prompt["input_ids"], full["input_ids"])
-    return len(full["input_ids"]), start
+        ending = "" if completion.endswith(tokenizer.eos_token) else tokenizer.eos_token
+        alone, full = tokenizer(prompt), tokenizer(prompt + completion + ending)
+    return list(full["input_ids"]), _common_prefix(alone["input_ids"], full["input_ids"])
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -73,44 +73,5 @@ def load_adapter_tokenizer(source: AdapterSource):
         return load_tokenizer(source.base)
 
 
-def lora_module(key: str, part: str) -> str | None:
-    """The base module a PEFT adapter tensor belongs to (`base_model.model.X.lora_A.weight` -> `X`), or None."""
-    marker = f".{part}."
-    return key.split(marker)[0].removeprefix("base_model.model.") if marker in key else None
-
-
 def is_merged_model(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file() and not (path / "recipe.yaml").is_file()
-
-
-def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[list[int], list[int]]]:
-    """LoRA A and B shapes per base module name, read from the safetensors header (no weights loaded)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, dict[str, list[int]]] = {}
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as handle:
-        for key in handle.keys():
-            for part in ("lora_A", "lora_B"):
-                module = lora_module(key, part)
-                if module is not None:
-                    shapes.setdefault(module, {})[part] = handle.get_slice(key).get_shape()
-    return {m: (s["lora_A"], s["lora_B"]) for m, s in shapes.items() if "lora_A" in s and "lora_B" in s}
-
-
-def check_adapter_matches(adapter_dir: Path, base_config, base_name: str) -> None:
-    """Refuse an adapter trained on another base: every adapted module must exist with the same in/out sizes."""
-    import torch
-
-    from qlora_trainer.loading.model import meta_model
-
-    model = meta_model(base_config)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for module, (a_shape, b_shape) in adapter_shapes(adapter_dir).items():
-        layer = linears.get(module)
-        if layer is None:
-            raise UserError(f"adapter {adapter_dir} does not match base '{base_name}': the base has no layer {module}; "
-                            "pass the base it was trained on with --base")
-        if a_shape[1] != layer.in_features or b_shape[0] != layer.out_features:
-            raise UserError(f"adapter {adapter_dir} does not match base '{base_name}': {module} is "
-                            f"{layer.in_features}->{layer.out_features} in the base but {a_shape[1]}->{b_shape[0]} "
-                            "in the adapter; pass the base it was trained on with --base")

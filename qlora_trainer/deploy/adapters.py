@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from qlora_trainer.config.recipe import ModelSection, QuantizationSection
-from qlora_trainer.deploy.adapter_source import check_adapter_matches, find_adapter, load_adapter_tokenizer
+from qlora_trainer.deploy.adapter_source import find_adapter, load_adapter_tokenizer
 from qlora_trainer.deploy.generate import GenerateOptions, format_prompt, generate
 from qlora_trainer.errors import UserError
 from qlora_trainer.loading import base_fingerprint
 from qlora_trainer.loading import model as model_lib
+from qlora_trainer.loading.adapter_shapes import check_adapter_matches
 
 
 class AdapterSet:

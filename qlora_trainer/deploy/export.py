@@ -18,13 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_trainer.deploy.adapter_source import (
-    AdapterSource,
-    check_adapter_matches,
-    find_adapter,
-    load_adapter_tokenizer,
-    lora_module,
-)
+from qlora_trainer.deploy.adapter_source import AdapterSource, find_adapter, load_adapter_tokenizer
 from qlora_trainer.deploy.export_verify import DEFAULT_PROMPTS, compare_logits, verification_prompts
 from qlora_trainer.errors import UserError
 from qlora_trainer.files.damaged_files import check_safetensors, read_json_object
@@ -34,6 +28,7 @@ from qlora_trainer.files.run_dir import apply_umask
 from qlora_trainer.files.staging import clear_abandoned, held, make_staging_dir, rename_no_replace
 from qlora_trainer.loading import base_fingerprint
 from qlora_trainer.loading import model as model_lib
+from qlora_trainer.loading.adapter_shapes import check_adapter_matches, lora_module
 from qlora_trainer.loading.model import DTYPES
 
 # The verification bars for the default method. The reference is the 4-bit model plus adapter, run with fp32

@@ -22,7 +22,7 @@ def verification_prompts(source) -> list[str]:
     from qlora_trainer.errors import UserError
 
     try:
-        data = load_data(recipe.data, recipe.train.seed)
+        data = load_data(recipe.data, recipe.train.seed, recipe.train.method)
     except UserError:  # the training data need not be on the machine that exports
         return []
     rows = data.eval.select(range(min(MAX_PROMPTS, len(data.eval))))

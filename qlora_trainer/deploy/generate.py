@@ -8,16 +8,12 @@ from pathlib import Path
 import torch
 
 from qlora_trainer.dataset.chat_templates import ALPACA_PROMPT
-from qlora_trainer.deploy.adapter_source import (
-    check_adapter_matches,
-    find_adapter,
-    is_merged_model,
-    load_adapter_tokenizer,
-)
+from qlora_trainer.deploy.adapter_source import find_adapter, is_merged_model, load_adapter_tokenizer
 from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.files.damaged_files import check_safetensors, safetensors_of
 from qlora_trainer.loading import base_fingerprint
 from qlora_trainer.loading import model as model_lib
+from qlora_trainer.loading.adapter_shapes import check_adapter_matches
 
 
 @dataclass

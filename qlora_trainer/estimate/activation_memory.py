@@ -154,12 +154,9 @@ def activation_peak(shape: ModelShape, targets: list[Linear], s: Settings) -> Ac
     1 KiB or more to pinned CPU memory in forward and brings one back as backward needs it: the layer inputs under
     checkpointing (the top one comes back for its recompute), everything but one layer's tensors without it.
     """
-    tokens, a = tokens_per_micro_batch(s), _a(s)
+    tokens = tokens_per_micro_batch(s)
     layer = layer_saved_bytes_per_token(shape, targets, s) * tokens + attention_matrix_bytes(shape, s)
-    kept_per_layer = a * shape.hidden * tokens if s.gradient_checkpointing else layer
-    resident_layers = 1 if s.activation_offloading else shape.layers
-    offloaded = (shape.layers - resident_layers) * kept_per_layer
-    below = resident_layers * kept_per_layer + attention_mask_bytes(s)
+    below, offloaded, kept_per_layer = kept_bytes(shape, targets, s)
     top_layer = layer if s.gradient_checkpointing else 0  # recomputed on top of what is kept
     working = CUBLAS_WORKSPACE_BYTES + dequantized_weight_bytes(shape, s)
     in_layer = below + top_layer + backward_working_bytes_per_token(shape, s) * tokens + working
@@ -168,6 +165,17 @@ def activation_peak(shape: ModelShape, targets: list[Linear], s: Settings) -> Ac
     if s.activation_offloading:
         in_head -= kept_per_layer  # the top layer's saved tensors are offloaded until its backward
     return Activations(activations=int(in_layer), logits=int(max(0, in_head - in_layer)), offloaded=int(offloaded))
+
+
+def kept_bytes(shape: ModelShape, targets: list[Linear], s: Settings) -> tuple[int, int, int]:
+    """What the decoder layers keep from forward to backward: (on the GPU, in pinned CPU RAM under activation
+    offloading, per layer). Under checkpointing each layer keeps its input; without, everything it saved."""
+    tokens = tokens_per_micro_batch(s)
+    layer = layer_saved_bytes_per_token(shape, targets, s) * tokens + attention_matrix_bytes(shape, s)
+    kept_per_layer = _a(s) * shape.hidden * tokens if s.gradient_checkpointing else layer
+    resident_layers = 1 if s.activation_offloading else shape.layers
+    offloaded = (shape.layers - resident_layers) * kept_per_layer
+    return resident_layers * kept_per_layer + attention_mask_bytes(s), offloaded, kept_per_layer
 
 
 def _a(s: Settings) -> int:

@@ -20,6 +20,7 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.estimate import attention, fit_rule
 from qlora_trainer.estimate.memory import GIB, ModelShape, estimate
 from qlora_trainer.estimate.memory_report import settings_from_recipe
+from qlora_trainer.estimate.method_memory import min_micro_batch
 
 # Relative time per token of a training step, measured on an H100 (llama-7b shape, r=8, seq_len 2048,
 # the H100 figures in docs/speed.md): 3,405 tokens/s at micro-batch 1 and 7,411 at 4 with checkpointing, 4,944 at
@@ -113,13 +114,14 @@ def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch
     fixed = {"micro_batch_size": t.micro_batch_size, "gradient_checkpointing": t.gradient_checkpointing,
              "activation_offloading": t.activation_offloading}
     chosen = [key for key, value in fixed.items() if value == AUTO] + (["kernels"] if t.kernels == AUTO else [])
-    defaults = {"micro_batch_size": 1, "gradient_checkpointing": True, "activation_offloading": False}
+    smallest = min_micro_batch(t.method)
+    defaults = {"micro_batch_size": smallest, "gradient_checkpointing": True, "activation_offloading": False}
     if budget.gib is None or not on_gpu:
         values = {key: defaults[key] if value == AUTO else value for key, value in fixed.items()}
         predicted = _estimate(recipe, shape, kernels, launch, **values).total / GIB
         return Plan(**values, kernels=kernels, predicted_gib=predicted, budget=budget, fits=True,
                     chosen=chosen + auto_attention, notes=notes, attn_implementation=attn)
-    scored = _score(recipe, shape, kernels, launch, fixed, t.global_batch(world) // world, budget)
+    scored = _score(recipe, shape, kernels, launch, fixed, t.global_batch(world) // world, budget, smallest)
     fitting = [c for c in scored if c.fits]
     # The fastest candidate by the speed model; among equally fast ones the larger micro-batch, then the smaller
     # prediction. Where nothing fits, the smallest, so that the fit check names the fixes.
@@ -140,9 +142,9 @@ class _Candidate:
 
 
 def _score(recipe: Recipe, shape: ModelShape, kernels: str, launch, fixed: dict, per_process_batch: int,
-           budget: Budget) -> list[_Candidate]:
+           budget: Budget, smallest: int) -> list[_Candidate]:
     scored = []
-    for values in _candidates(fixed, per_process_batch):
+    for values in _candidates(fixed, per_process_batch, smallest):
         est = _estimate(recipe, shape, kernels, launch, **values)
         offloaded = est.activation_offload_bytes / GIB
         ram_ok = budget.host_gib is None or offloaded <= PINNED_RAM_SHARE * budget.host_gib
@@ -169,11 +171,11 @@ def _ram_note(scored: list[_Candidate], best: _Candidate, budget: Budget) -> lis
             f"{budget.host_gib:.1f} GiB available: not chosen"]
 
 
-def _candidates(fixed: dict, per_process_batch: int) -> list[dict]:
+def _candidates(fixed: dict, per_process_batch: int, smallest: int = 1) -> list[dict]:
     """Every combination of the auto keys' values; micro-batches divide the per-process global batch, so the
-    accumulation that keeps the global batch is a whole number."""
+    accumulation that keeps the global batch is a whole number, and are at least what the method needs."""
     options = {
-        "micro_batch_size": [m for m in range(1, per_process_batch + 1) if per_process_batch % m == 0],
+        "micro_batch_size": [m for m in range(smallest, per_process_batch + 1) if per_process_batch % m == 0],
         "gradient_checkpointing": [False, True],
         "activation_offloading": [False, True],
     }

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from qlora_trainer.estimate import fit_rule
+from qlora_trainer.estimate import method_memory
 from qlora_trainer.estimate.activation_memory import DTYPE_BYTES, activation_peak
 
 GIB = 2**30
@@ -51,7 +52,8 @@ def unmeasured_notes(s: Settings) -> list[str]:
              "drivers and CUDA versions may hold a different context"]
     unmeasured = [name for name, used in (
         ("eager attention", s.attn_implementation == "eager"), ("padding-free batches", s.padding_free or s.packing),
-        (f"{s.strategy.upper()} across GPUs", s.strategy != "single"), ("DoRA", s.use_dora)) if used]
+        (f"{s.strategy.upper()} across GPUs", s.strategy != "single"), ("DoRA", s.use_dora),
+        (f"train.method {s.method}", s.method != "sft")) if used]
     if unmeasured:
         notes.append(f"not yet measured on a GPU: {', '.join(unmeasured)} (the terms follow the libraries' code)")
     return notes
@@ -121,6 +123,7 @@ class Settings:
     strategy: str = "single"  # single | ddp | fsdp: the estimate is per GPU
     num_gpus: int = 1
     cpu_offload: bool = False  # FSDP only: sharded parameters, gradients and optimizer state live in CPU RAM
+    method: str = "sft"  # train.method: dpo and orpo run pairs, dpo and kto a reference forward (method_memory.py)
 
 
 @dataclass
@@ -253,7 +256,8 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     trainable = sum(lora_tensors)
     optimizer_bytes, paged = optimizer_state_bytes(lora_tensors, s.optimizer, DTYPE_BYTES[s.lora_dtype])
     grads = lora_param_bytes(lora_tensors, targets, s)
-    peak = activation_peak(shape, targets, s)
+    policy = method_memory.policy_settings(s)  # the rows that run with gradients: a pair is two
+    peak = activation_peak(shape, targets, policy)
     breakdown = {
         "base_weights": base_weight_bytes(shape),
         "quant_constants": quant_constant_bytes(shape, s.double_quant, compute),
@@ -266,10 +270,11 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         "optimizer_states": optimizer_bytes - paged,
         "activations": peak.activations,
         "logits": peak.logits,
+        **method_memory.method_terms(shape, targets, policy, peak),
     }
     breakdown, offloaded = per_gpu(breakdown, shape, s, grads)
     breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
-    breakdown["allocator_overhead"] = allocator_overhead_bytes(shape, s, grads)
+    breakdown["allocator_overhead"] = allocator_overhead_bytes(shape, policy, grads)
     notes = unmeasured_notes(s)
     if s.strategy == "fsdp" and s.optimizer.startswith("paged_"):
         paged //= s.num_gpus

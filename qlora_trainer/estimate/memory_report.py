@@ -109,7 +109,7 @@ def settings_from_recipe(recipe: Recipe, launch=None) -> Settings:
         activation_offloading=train.activation_offloading, kernels=train.kernels,
         # `auto` packing is settled once the rows are measured; the worst case, a micro-batch of full seq_len
         # sequences, costs the same memory packed or not (eager attention, where it would not, never packs).
-        padding_free=train.padding_free is True, packing=train.packing is True,
+        padding_free=train.padding_free is True, packing=train.packing is True, method=train.method,
     )
 
 

@@ -100,7 +100,8 @@ def save_with_adapter(section: ModelSection, run: Path, adapter_dir: Path) -> No
     write_text_atomic(adapter_dir / FILE, (run / FILE).read_text(encoding="utf-8"))
 
 
-def check(directory: Path, section: ModelSection, what: str, fix: str = DAMAGED_FIX) -> None:
+def check(directory: Path, section: ModelSection, what: str, fix: str = DAMAGED_FIX,
+          other_base_fix: str = "pass the base it was trained on with --base") -> None:
     """Refuse a base whose weights differ from the ones `directory` (a run or an adapter) recorded. A directory
     from before fingerprints were recorded is accepted with a note."""
     recorded = _read(directory)
@@ -116,7 +117,7 @@ def check(directory: Path, section: ModelSection, what: str, fix: str = DAMAGED_
     if current != recorded["sha256"]:
         raise UserError(f"{what} {directory} was trained on base '{recorded['base']}' (weights {recorded['sha256'][:12]}) "
                         f"but '{section.name_or_path}' has other weights ({current[:12]}) of the same shapes; "
-                        "pass the base it was trained on with --base")
+                        f"{other_base_fix}")
 
 
 def _read(directory: Path) -> dict | None:

@@ -18,8 +18,9 @@ class MetricsLogger(TrainerCallback):
     On a GPU every process samples its own memory (`memory`, gpu_memory.py) from the start of training to its end;
     the main process writes the rows."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, perplexity: bool = True):
         self.path = path
+        self.perplexity = perplexity  # exp(eval loss) means something only where the loss is a token NLL (sft)
         self._last_time: float | None = None
         self._last_tokens = 0.0
         self.memory: MemorySampler | None = None
@@ -42,8 +43,10 @@ class MetricsLogger(TrainerCallback):
         if "loss" in logs:
             row.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
             row.update(self._speed(logs))
-        row.update({k: v for k, v in logs.items() if k.startswith("eval_")})
-        if logs.get("eval_loss") is not None:  # perplexity of the eval tokens the loss counts (answers only by default)
+        # Preference trainers log their rewards (chosen minus rejected: the margin) and reward accuracy.
+        row.update({k: v for k, v in logs.items() if k.startswith(("eval_", "rewards/"))})
+        # Perplexity of the eval tokens the loss counts (answers only by default).
+        if logs.get("eval_loss") is not None and self.perplexity:
             row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 700.0))  # capped: exp overflows a float past ~709
         if self.memory is not None:
             self.memory.sample()

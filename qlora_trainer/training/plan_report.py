@@ -9,6 +9,7 @@ from qlora_trainer.config.recipe import Recipe
 from qlora_trainer.config.recipe_files import launch_command
 from qlora_trainer.distributed import Launch
 from qlora_trainer.estimate.auto_settings import Plan
+from qlora_trainer.training.preference_trainer import describe_method
 from qlora_trainer.training.trainer_setup import optimizer_for
 
 
@@ -29,7 +30,8 @@ def describe_plan(recipe: Recipe, recipe_name: str, output_dir: Path, device: st
         f"  training  {length}, {_batch_arithmetic(t, launch.world_size)} sequences/step, seq_len {t.seq_len}, lr {t.learning_rate:g} "
         f"{t.lr_scheduler}, {_optimizer(t.optimizer, device)}",
         f"  speed     {_levers(t)}",
-    ] + ([f"  auto      {chosen.describe()}"] if chosen is not None and chosen.chosen else []) + [
+    ] + [f"  method    {line}" for line in describe_method(recipe)] + (
+        [f"  auto      {chosen.describe()}"] if chosen is not None and chosen.chosen else []) + [
         f"  device    {device}, {launch.describe()}",
         f"  output    {output_dir}",
     ] + [f"  NOTE      {note}" for note in _launch_notes(recipe, recipe_name, launch)]

@@ -20,6 +20,8 @@ class Outcome:
     plan: Plan | None = None  # what the `auto` settings were settled to, and why
     before: dict | None = None
     after: dict | None = None
+    preference_before: dict | None = None  # held-out preference accuracy and margins (preference_eval.py)
+    preference_after: dict | None = None
     result: object = None
     runtime: float = 0.0
     memory: list[dict] = field(default_factory=list)  # each process's peak GPU memory
@@ -64,6 +66,9 @@ def summarise(recipe, options, trainer, outcome: Outcome, rows, data, launch) ->
         "exact_match_before": outcome.before and outcome.before["accuracy"],
         "exact_match_after": outcome.after and outcome.after["accuracy"],
         "exact_match_examples": outcome.after and outcome.after["examples"],
+        "method": recipe.train.method,
+        "preference_before": outcome.preference_before,
+        "preference_after": outcome.preference_after,
         "auto_settings": outcome.plan.to_json() if outcome.plan else None,
         "levers": {k: getattr(recipe.train, k) for k in ("micro_batch_size", "gradient_checkpointing",
                                                          "activation_offloading", "kernels", "compile", "packing",
@@ -81,6 +86,12 @@ def describe_summary(summary: dict, run: Path) -> str:
         lines.append(f"  eval loss {summary['eval_loss']:.3f}")
     if summary["exact_match_after"] is not None:
         lines.append(f"  held-out exact match {summary['exact_match_before']:.1%} -> {summary['exact_match_after']:.1%}")
+    if summary.get("preference_after"):
+        before, after = summary["preference_before"], summary["preference_after"]
+        for key, label, form in (("accuracy", "accuracy", ".1%"), ("reward_margin", "reward margin", "+.3f"),
+                                 ("logp_margin", "log-prob margin", "+.2f")):
+            if after.get(key) is not None:
+                lines.append(f"  held-out preference {label} {before[key]:{form}} -> {after[key]:{form}}")
     lines.append(f"  adapter   {run / 'adapter'}")
     lines.append(f"  metrics   {run / 'metrics.jsonl'}, plot {run / 'loss.png'}, summary {run / SUMMARY}")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
-"""The SFTTrainer we run, with four changes: checkpoints are complete or absent, a resumed adapter keeps the
-dtype it trained in, under FSDP the adapter is saved and restored whole (fsdp_adapter.py says why), and a
-checkpoint that fails to load is named."""
+"""The SFTTrainer we run (and, over the same changes, TRL's preference trainers), with four changes: checkpoints
+are complete or absent, a resumed adapter keeps the dtype it trained in, under FSDP the adapter is saved and
+restored whole (fsdp_adapter.py says why), and a checkpoint that fails to load is named."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from qlora_trainer.training.resume import wont_load
 STAGING = ".partial"
 
 
-def qlora_sft_trainer():
+def qlora_sft_trainer(trainer_class=None):
+    """Our subclass of TRL's SFTTrainer, or of `trainer_class` (DPOTrainer, KTOTrainer, ORPOTrainer)."""
     from trl import SFTTrainer
 
-    class QLoraSFTTrainer(SFTTrainer):
+    class QLoraSFTTrainer(trainer_class or SFTTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             # Named before FSDP flattens them into its own parameters.
@@ -91,8 +92,8 @@ def qlora_sft_trainer():
         def save_adapter(self, directory: Path) -> None:
             """The adapter as PEFT writes it; under FSDP every process must call this (the weights are gathered)."""
             if not self.is_fsdp_enabled:
-                if self.args.should_save:
-                    self.peft_model.save_pretrained(directory, safe_serialization=True)
+                if self.args.should_save:  # not DPO's and KTO's frozen "ref" copy of a continued adapter
+                    self.peft_model.save_pretrained(directory, safe_serialization=True, selected_adapters=["default"])
                 return
             state = fsdp_adapter.gather_full_state(self.model, on_gpu=self.args.device.type != "cpu")
             if self.args.should_save:

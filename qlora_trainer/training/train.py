@@ -46,13 +46,14 @@ from qlora_trainer.files.run_dir import (
     write_json_atomic,
     write_text_atomic,
 )
-from qlora_trainer.loading import base_fingerprint, model_checks
+from qlora_trainer.loading import base_fingerprint, continued_adapter, model_checks
 from qlora_trainer.loading import model as model_lib
-from qlora_trainer.training import dry_run, gpu_memory, speed_levers, trackers
+from qlora_trainer.training import dry_run, gpu_memory, preference_trainer, speed_levers, trackers
 from qlora_trainer.training.exact_match import held_out_exact_match
 from qlora_trainer.training.failed_run import KeptOnlyOnceStepped
 from qlora_trainer.training.metrics import plot_loss, read_metrics
 from qlora_trainer.training.plan_report import describe_plan
+from qlora_trainer.training.preference_eval import held_out_preference
 from qlora_trainer.training.resume import WriteWhenLoaded, resumed_metrics, usable_checkpoint
 from qlora_trainer.training.run_summary import Outcome, describe_summary, memory_sampler, summarise
 from qlora_trainer.training.safeguards import StopOnNonFinite, StopOnSignal
@@ -119,10 +120,12 @@ def _train_in(options, launch, device, prepared, run, checkpoint, deferred, atte
     print(model_lib.format_parameter_report(outcome.report), flush=True)
 
     outcome.before = held_out_exact_match(recipe, trainer, tokenizer, data, launch, "before training")
+    outcome.preference_before = held_out_preference(recipe, trainer, tokenizer, data, launch, "before training")
     started = time.perf_counter()
     outcome.result = _run_guarded(trainer, guards, checkpoint, run, predicted, shape)
     outcome.runtime = time.perf_counter() - started
     outcome.after = held_out_exact_match(recipe, trainer, tokenizer, data, launch, "after training")
+    outcome.preference_after = held_out_preference(recipe, trainer, tokenizer, data, launch, "after training")
     if data.eval is not None and not _evaluated_at(trainer, trainer.state.global_step):
         trainer.evaluate()  # every process takes part; MetricsLogger appends the result to metrics.jsonl
     try:
@@ -148,6 +151,9 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
     Returns the recipe with its `auto` settings settled, which is what the run trains with and saves. A dry run
     goes as far, short of loading weights, and returns None after saying what it could not check here."""
     model_lib.resolve_model_path(recipe.model)  # a missing local model is named before anything else
+    if recipe.model.adapter is not None:  # its LoRA settings are the run's: before the checks and the plan use them
+        recipe = continued_adapter.adopt(recipe, model_lib.load_config(recipe.model))
+    recipe = preference_trainer.settle_levers(recipe)
     shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
     model_checks.check_lora_targets(recipe.lora.target_modules, shape)
     model_checks.check_seq_len(recipe.train.seq_len, shape)
@@ -166,7 +172,8 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
     if options.dry_run and not dry_run.readable_here(recipe, unchecked):
         print(dry_run.report(None, unchecked))
         return None
-    data = load_data(recipe.data, recipe.train.seed)  # before the run directory: bad data leaves nothing behind
+    # Before the run directory: bad data leaves nothing behind.
+    data = load_data(recipe.data, recipe.train.seed, recipe.train.method)
     if recipe.eval.exact_match and not isinstance(data.eval[0].get("prompt"), str):
         raise UserError(f"eval.exact_match needs text prompt/completion rows (or alpaca); {data.source} is {data.format}")
     tokenizer = model_lib.load_tokenizer(recipe.model)
@@ -285,7 +292,7 @@ def _resume_command(run: Path) -> str:
 
 
 # A resumed run may change how long it trains, not what it trains: these sections must match the saved recipe.
-FIXED_ON_RESUME = ("model", "quantization", "lora", "data")
+FIXED_ON_RESUME = ("model", "quantization", "lora", "data", "dpo", "orpo", "kto")
 
 
 def _check_same_run(recipe: Recipe, saved_path: Path) -> None:
@@ -293,6 +300,10 @@ def _check_same_run(recipe: Recipe, saved_path: Path) -> None:
         return
     saved = read_saved_recipe(saved_path)
     current = recipe.model_dump(mode="json")
+    method = saved.get("train", {}).get("method", "sft")
+    if method != recipe.train.method:
+        raise UserError(f"--resume: train.method is {recipe.train.method} but the run used {method}; resume with the "
+                        f"run's own recipe: --recipe {saved_path}")
     for section in FIXED_ON_RESUME:
         used = saved.get(section) if isinstance(saved.get(section), dict) else {}
         for key, value in current[section].items():

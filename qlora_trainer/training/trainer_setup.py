@@ -1,5 +1,5 @@
-"""Recipe -> SFTConfig, and the SFTTrainer that trains a 4-bit base with it: the one place where recipe keys
-become TRL and transformers arguments."""
+"""Recipe -> SFTConfig (or a preference method's config, preference_trainer.py), and the TRL trainer that trains
+a 4-bit base with it: the one place where recipe keys become TRL and transformers arguments."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import UserError
 from qlora_trainer.files.run_dir import CHECKPOINTS
 from qlora_trainer.loading import model as model_lib
-from qlora_trainer.training import speed_levers, trackers
+from qlora_trainer.training import preference_trainer, speed_levers, trackers
+from qlora_trainer.training.adapter_start import peft_start
 from qlora_trainer.training.metrics import MetricsLogger
 from qlora_trainer.training.progress import ProgressLines
 from qlora_trainer.training.sft_trainer import qlora_sft_trainer
@@ -30,16 +31,26 @@ def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str
     from transformers.trainer_callback import ProgressCallback
 
     speed_levers.apply_kernels(model, recipe.train.kernels)  # before PEFT wraps the projections the kernels call
-    with datasets_quiet():  # TRL's five tokenizing passes per split, each with its bar
-        trainer = qlora_sft_trainer()(
+    has_eval = data.eval is not None
+    if recipe.train.method == "sft":
+        trainer_class, args = qlora_sft_trainer(), sft_config(recipe, run, device, has_eval, launch)
+        train_rows, eval_rows = data.train, data.eval
+    else:
+        trainer_class, args = preference_trainer.trainer_and_config(
+            recipe, training_arguments(recipe, run, device, has_eval, launch))
+        train_rows, eval_rows = preference_trainer.trainer_rows(recipe, data)
+    model, peft_config = peft_start(model, recipe)
+    tensorboard = trackers.tensorboard_callback(recipe.train.report_to, run)
+    with datasets_quiet():  # TRL's tokenizing passes, several per split, each with its bar
+        trainer = trainer_class(
             model=model,
-            args=sft_config(recipe, run, device, has_eval=data.eval is not None, launch=launch),
-            train_dataset=data.train,
-            eval_dataset=data.eval,
+            args=args,
+            train_dataset=train_rows,
+            eval_dataset=eval_rows,
             processing_class=tokenizer,
-            peft_config=model_lib.lora_config(recipe.lora),
-            callbacks=[MetricsLogger(run / "metrics.jsonl"), *callbacks,
-                       *filter(None, [trackers.tensorboard_callback(recipe.train.report_to, run)])],
+            peft_config=peft_config,
+            callbacks=[MetricsLogger(run / "metrics.jsonl", perplexity=recipe.train.method == "sft"), *callbacks,
+                       *([tensorboard] if tensorboard else [])],
         )
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(ProgressLines)
@@ -58,13 +69,31 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: L
     from trl import SFTConfig
 
     t, d = recipe.train, recipe.data
-    eval_steps = t.eval_steps or t.logging_steps * 10
     if (t.packing is True or t.padding_free is True) and recipe.model.trust_remote_code:
         # transformers keeps packed rows apart (from position_ids) in its own sdpa/eager/flash attention; a model's
         # own code may not, and would then let rows attend to each other without any error.
         raise UserError("train.packing and train.padding_free need the model's transformers attention, and "
                         "model.trust_remote_code runs the model's own code; unset train.packing/train.padding_free")
     return SFTConfig(
+        **training_arguments(recipe, run, device, has_eval, launch),
+        # A recipe built without the planner (tests, tools) may still say auto here: auto unplanned is off, as on the CPU.
+        activation_offloading=t.activation_offloading is True,
+        # Rows longer than seq_len were counted (and with overlong: drop, left out) by data.fit_to_tokenizer; TRL
+        # truncates the rest. TRL cannot truncate padding-free batches without packing: there overlong is drop.
+        max_length=None if t.padding_free is True and t.packing is not True else t.seq_len,
+        completion_only_loss=not d.train_on_prompt,
+        # Conversations: loss on the assistant turns only, marked by the chat template's {% generation %} blocks.
+        assistant_only_loss=not d.train_on_prompt and d.format == "messages",
+        packing=t.packing is True,  # best-fit decreasing: whole rows per sequence, each attending only to itself
+        padding_free=t.padding_free is True,
+    )
+
+
+def training_arguments(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: Launch = Launch()) -> dict:
+    """The transformers TrainingArguments every method's TRL config takes, from the recipe."""
+    t = recipe.train
+    eval_steps = t.eval_steps or t.logging_steps * 10
+    return dict(
         output_dir=str(run / CHECKPOINTS),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
@@ -78,22 +107,12 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: L
         max_grad_norm=t.max_grad_norm,
         optim=optimizer_for(t.optimizer, device),
         activation_checkpointing=t.gradient_checkpointing,
-        # A recipe built without the planner (tests, tools) may still say auto here: auto unplanned is off, as on the CPU.
-        activation_offloading=t.activation_offloading is True,
         # Non-reentrant checkpointing works with frozen inputs and is what PyTorch recommends. Under FSDP, whose
         # mixed precision keeps the adapters in fp32, its recomputation check fails after a sharded checkpoint
         # save (fp32 saved, bf16 recomputed): the reentrant variant, as PEFT's FSDP-QLoRA recipe uses.
         activation_checkpointing_kwargs={"use_reentrant": launch.strategy == "fsdp"},
         bf16=recipe.quantization.compute_dtype == "bfloat16",
         fp16=recipe.quantization.compute_dtype == "float16" and device == "cuda",
-        # Rows longer than seq_len were counted (and with overlong: drop, left out) by data.fit_to_tokenizer; TRL
-        # truncates the rest. TRL cannot truncate padding-free batches without packing: there overlong is drop.
-        max_length=None if t.padding_free is True and t.packing is not True else t.seq_len,
-        completion_only_loss=not d.train_on_prompt,
-        # Conversations: loss on the assistant turns only, marked by the chat template's {% generation %} blocks.
-        assistant_only_loss=not d.train_on_prompt and d.format == "messages",
-        packing=t.packing is True,  # best-fit decreasing: whole rows per sequence, each attending only to itself
-        padding_free=t.padding_free is True,
         logging_steps=t.logging_steps,
         logging_first_step=True,  # the first loss shows where training started
         logging_nan_inf_filter=False,  # a NaN loss must show up (and stop the run), not be averaged away
