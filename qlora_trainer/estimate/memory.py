@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from qlora_trainer.estimate import fit_rule
-from qlora_trainer.estimate import method_memory
+from qlora_trainer.estimate import fit_rule, method_memory
 from qlora_trainer.estimate.activation_memory import DTYPE_BYTES, activation_peak
 
 GIB = 2**30
