@@ -15,7 +15,7 @@ from test_activation_memory import saved_bytes
 from qlora_trainer.config.recipe_files import load_recipe, validate
 from qlora_trainer.dataset.data import load_data
 from qlora_trainer.dataset.sequence_fit import fit_to_tokenizer
-from qlora_trainer.estimate import auto_settings
+from qlora_trainer.estimate import auto_settings, fit_rule
 from qlora_trainer.estimate.memory import GIB, Settings, estimate
 from qlora_trainer.estimate.memory_report import shape_for_model
 from qlora_trainer.loading.model import load_base_model, load_tokenizer
@@ -68,7 +68,7 @@ def test_the_planner_fits_each_method_into_the_budget(llama8b):
     budget = auto_settings.Budget(24.0, "test")
     plans = {m: auto_settings.plan(recipe(m), llama8b, budget, on_gpu=True) for m in ("sft", "dpo", "orpo", "kto")}
     for method, chosen in plans.items():
-        assert chosen.fits and chosen.predicted_gib <= 24.0 * (1 - auto_settings.SAFETY_MARGIN), method
+        assert chosen.fits and chosen.predicted_gib <= fit_rule.usable_gib(24.0), method
         settled = auto_settings.apply_plan(recipe(method), chosen)
         from qlora_trainer.estimate.memory_report import settings_from_recipe
 

@@ -155,6 +155,7 @@ def test_a_resume_with_another_method_is_refused(tiny_model_dir, tmp_path):
     run.mkdir()
     sft = tiny_recipe(tmp_path / "sft.yaml", tiny_model_dir)
     (run / "recipe.yaml").write_text(sft.read_text())
+    (run / "estimate.json").write_text("{}")  # what makes a directory a run that --resume may continue
     dpo = tiny_recipe(tmp_path / "dpo.yaml", tiny_model_dir, data={"path": str(PAIRS), "format": "auto"},
                       train={"method": "dpo"})
     refused_cleanly(["--recipe", str(dpo), "--output-dir", str(run), "--resume"], 2,
