@@ -291,8 +291,13 @@ def test_a_multi_gpu_recipe_started_on_one_process_says_how_to_launch_it():
     assert result.returncode == 0, result.stderr
     assert "written for fsdp on 2 GPUs with CPU offload: accelerate launch --config_file" in result.stdout
     assert "fsdp-qlora-offload.yaml --num_processes 2 -m qlora_trainer --recipe llama2-70b-fsdp-2x24gb" in result.stdout
-    assert "Memory estimate for llama-2-70b (peak GPU memory, as nvidia-smi shows it)\n" in result.stdout, \
-        "the estimate follows the actual launch: one process, the whole model"
+    assert "per GPU of 2 under FSDP with CPU offload)\n" in result.stdout, \
+        "a dry run estimates the launch the recipe is written for, as `estimate` does"
+    # Started for real in one process, the estimate follows the actual launch: one process, the whole model (and
+    # here, without a GPU, the run stops after the plan).
+    result = run_cli("--recipe", "llama2-70b-fsdp-2x24gb")
+    assert result.returncode == 3, result.stderr
+    assert "Memory estimate for llama-2-70b (peak GPU memory, as nvidia-smi shows it)\n" in result.stdout
 
 
 def test_launch_checks_global_batch_and_fsdp_optimizer():

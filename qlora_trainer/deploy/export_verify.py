@@ -12,6 +12,15 @@ DEFAULT_PROMPTS = [
 ]
 MAX_PROMPTS = 8
 
+# The verification bars for the default method. The reference is the 4-bit model plus adapter, run with fp32
+# arithmetic (`exact_reference`); the bars leave room for rounding, which grows with depth, and none for a wrong
+# merge. Measured on CPU: the 2-layer demo export is 0.006 from its reference with 100% top-1 agreement; a random
+# 24-layer Qwen2.5-0.5B with a random rank-16 adapter is 0.011 / 98%, and 0.0037 / 100% from an fp32 computation
+# of the same merged function, so the remaining gap is the reference's own rounding in bitsandbytes' CPU matmul.
+# Merging into the original 16-bit weights instead is 0.13 / 91% on the demo.
+MIN_TOP1_AGREEMENT = 0.95
+MAX_RELATIVE_LOGIT_ERROR = 0.05
+
 
 def verification_prompts(source) -> list[str]:
     """Prompts from the run's eval data when there is one (the text the model was trained to handle)."""

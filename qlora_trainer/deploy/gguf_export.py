@@ -13,19 +13,15 @@ from pathlib import Path
 
 from qlora_trainer.deploy import export as safetensors_export
 from qlora_trainer.deploy import llama_cpp_converter, modelfile
-from qlora_trainer.deploy.adapter_source import (
-    AdapterSource,
-    check_adapter_matches,
-    find_adapter,
-    load_adapter_tokenizer,
-)
+from qlora_trainer.deploy.adapter_source import AdapterSource, find_adapter, load_adapter_tokenizer
 from qlora_trainer.errors import UserError
-from qlora_trainer.files.made_dirs import missing_dirs, remove_made
+from qlora_trainer.files.made_dirs import remove_empty
 from qlora_trainer.files.model_card import adapter_name, shown_name
 from qlora_trainer.files.run_dir import apply_umask
 from qlora_trainer.files.staging import clear_abandoned, held
 from qlora_trainer.loading import base_fingerprint
 from qlora_trainer.loading import model as model_lib
+from qlora_trainer.loading.adapter_shapes import check_adapter_matches
 
 BASE_GGUF = "base.gguf"  # where an adapter's Modelfile expects the base model's GGUF
 # The merged weights handed to the converter. q8_0 starts from the compute dtype, which the NF4 weights dequantize
@@ -54,19 +50,18 @@ def export_gguf(options: GgufOptions) -> dict:
     check_adapter_matches(source.adapter_dir, config, source.base.name_or_path)
     base_fingerprint.check(source.adapter_dir, source.base, "adapter", base_fingerprint.DAMAGED_FIX_WITH_BASE)
     check_family(config)
-    made = missing_dirs(options.output.parent)
     for note in clear_abandoned(options.output):
         print(note)
-    staging = safetensors_export._staging_dir(options.output, made)
+    staging, made = safetensors_export._staging_dir(options.output)
     try:
         with held(staging):
             write = _write_adapter if options.adapter_only else _write_model
             report = write(source, config, options, staging)
             apply_umask(staging)
-            safetensors_export._move_into_place(staging, options.output)
+            safetensors_export._move_into_place(staging, options.output, options.force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left looking like an export
-        remove_made(made)
+        remove_empty(made)  # nor the parents made for it (unless another export wrote into them)
         raise
     return report
 

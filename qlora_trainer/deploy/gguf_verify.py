@@ -12,13 +12,17 @@ from pathlib import Path
 
 import torch
 
-from qlora_trainer.deploy.export_verify import DEFAULT_PROMPTS, compare_logits, verification_prompts
+from qlora_trainer.deploy.export_verify import (
+    DEFAULT_PROMPTS,
+    MAX_RELATIVE_LOGIT_ERROR,
+    MIN_TOP1_AGREEMENT,
+    compare_logits,
+    verification_prompts,
+)
 from qlora_trainer.errors import UserError, first_line
 
 # f16/bf16 hold the merged weights as the safetensors export does, so its bars apply. q8_0 rounds each weight to
 # 8 bits per 32-value block: on the tiny family models it stays under 0.02 relative error with full agreement.
-MIN_TOP1_AGREEMENT = 0.95
-MAX_RELATIVE_LOGIT_ERROR = 0.05
 
 
 def verify_gguf(directory: Path, gguf_name: str, config, source, tokenizer, output: Path) -> dict:
