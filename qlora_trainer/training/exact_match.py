@@ -44,6 +44,12 @@ def _complete(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
+def eval_share(recipe: Recipe, data, launch: Launch):
+    """This process's part of the first eval.max_samples eval rows, which every held-out check scores."""
+    rows = data.eval.select(range(min(recipe.eval.max_samples, len(data.eval))))
+    return rows.shard(num_shards=launch.world_size, index=launch.rank, contiguous=True)
+
+
 def held_out_exact_match(recipe: Recipe, trainer, tokenizer, data, launch: Launch, when: str) -> dict | None:
     """Exact match on the eval prompts, each process completing its share of them."""
     if not recipe.eval.exact_match:
@@ -51,8 +57,7 @@ def held_out_exact_match(recipe: Recipe, trainer, tokenizer, data, launch: Launc
     if launch.strategy == "fsdp":  # each process holds a shard of the model: generating would gather it whole
         print(f"Held-out exact match {when}: skipped under FSDP; run `generate` on the adapter instead", flush=True)
         return None
-    rows = data.eval.select(range(min(recipe.eval.max_samples, len(data.eval))))
-    share = rows.shard(num_shards=launch.world_size, index=launch.rank, contiguous=True)
+    share = eval_share(recipe, data, launch)
     parts = distributed.gather(
         exact_match_accuracy(trainer.peft_model, tokenizer, share, len(share), recipe.eval.max_new_tokens), launch)
     result = combine_exact_match(parts)

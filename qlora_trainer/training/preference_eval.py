@@ -16,6 +16,7 @@ from qlora_trainer import distributed
 from qlora_trainer.config.recipe import Recipe
 from qlora_trainer.dataset.sequence_fit import completion_ids
 from qlora_trainer.distributed import Launch
+from qlora_trainer.training.exact_match import eval_share
 
 
 def held_out_preference(recipe: Recipe, trainer, tokenizer, data, launch: Launch, when: str) -> dict | None:
@@ -25,8 +26,7 @@ def held_out_preference(recipe: Recipe, trainer, tokenizer, data, launch: Launch
     if launch.strategy == "fsdp":  # each process holds a shard of the model: scoring would gather it whole
         print(f"Held-out preference accuracy {when}: skipped under FSDP", flush=True)
         return None
-    rows = data.eval.select(range(min(recipe.eval.max_samples, len(data.eval))))
-    share = rows.shard(num_shards=launch.world_size, index=launch.rank, contiguous=True)
+    share = eval_share(recipe, data, launch)
     beta = None if recipe.train.method == "orpo" else getattr(recipe, recipe.train.method).beta
     sums = score(trainer.peft_model, tokenizer, share.to_list(), recipe.train.seq_len, beta,
                  batch_size=max(2, recipe.train.micro_batch_size))
