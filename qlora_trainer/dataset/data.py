@@ -21,6 +21,7 @@ from qlora_trainer.dataset.row_fields import SHAREGPT_ROLES
 from qlora_trainer.dataset.row_fields import messages_problem as _messages_problem
 from qlora_trainer.dataset.row_fields import type_problem as _type_problem
 from qlora_trainer.errors import UserError, first_line
+from qlora_trainer.files.local_path import looks_local
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 UTF8_BOM = b"\xef\xbb\xbf"  # some Windows editors start UTF-8 files with it
@@ -115,7 +116,7 @@ def is_hub_id(value: str) -> bool:
 
 
 def _looks_local(value: str) -> bool:
-    return Path(value).suffix in LOCAL_SUFFIXES or value.startswith((".", "/", "~")) or Path(value).exists()
+    return Path(value).suffix in LOCAL_SUFFIXES or looks_local(value)
 
 
 # ---------------------------------------------------------------- reading

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qlora_trainer.files.local_path import looks_local
+
 
 def shown_name(name_or_path: str) -> str:
     """A hub id or `demo:` name as it is; a local path by its last part (`/data/sql/train.jsonl` -> `train.jsonl`)."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
-    return Path(name_or_path).name if looks_local else name_or_path
+    return Path(name_or_path).name if looks_local(name_or_path) else name_or_path
 
 
 def adapter_name(adapter_dir: Path) -> str:

@@ -11,6 +11,7 @@ from qlora_trainer.config.recipe import AUTO, LoraSection, ModelSection, Quantiz
 from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.files.damaged_files import damaged_safetensors, safetensors_of
+from qlora_trainer.files.local_path import looks_local
 from qlora_trainer.loading.demo_model import demo_model_path, is_demo_model
 from qlora_trainer.loading.model_checks import check_config_file
 
@@ -27,7 +28,7 @@ def resolve_model_path(section: ModelSection) -> str:
     if is_demo_model(name):
         return str(demo_model_path(name))
     path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")):
+    if looks_local(name):
         if not path.is_dir():
             raise UserError(f"model.name_or_path: {name} is not a model directory; pass a hub id or a directory with config.json")
         if not (path / "config.json").is_file():
