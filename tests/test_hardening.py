@@ -733,7 +733,8 @@ def test_property_any_output_path_is_refused_cleanly_or_used(tmp_path, monkeypat
         fragment = "already exists" if Path(value).exists() else "does not exist"
     else:
         fragment = "--output"
-    line = refused_cleanly(["export", str(tmp_path / "no-such-run"), "--output", value], 2, fragment)
+    # `--output=VALUE`: a value starting with "-" (hypothesis found "-:") is otherwise argparse's next option.
+    line = refused_cleanly(["export", str(tmp_path / "no-such-run"), f"--output={value}"], 2, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == before, line
 
 
