@@ -295,8 +295,8 @@ def _estimate(args) -> int:
         shape = report.shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
         check_lora_targets(recipe.lora.target_modules, shape)
         check_seq_len(recipe.train.seq_len, shape)
-        recipe, chosen = _planned(recipe, shape, gpu_memory)
-        settings = report.settings_from_recipe(recipe)
+        chosen = _planned(recipe, shape, gpu_memory)
+        settings = chosen.estimate.settings
         global_batch = recipe.train.global_batch()
     else:
         shape = report.shape_for_model(args.model) if args.model else report.shape_for_size(args.model_size)
@@ -341,14 +341,14 @@ def _estimate(args) -> int:
 
 
 def _planned(recipe, shape, gpu_memory: float | None):
-    """The recipe with its `auto` settings settled for a GPU of `gpu_memory` GiB (the defaults without one)."""
-    from qlora_trainer.estimate.auto_settings import Budget, apply_plan, plan
+    """The plan for the `auto` settings on a GPU of `gpu_memory` GiB (the defaults without one); its estimate
+    assumes unpacked rows, the worst case, since no row is read."""
+    from qlora_trainer.estimate.auto_settings import Budget, plan
     from qlora_trainer.estimate.gpu_budget import host_ram_gib
 
     budget = Budget(gpu_memory, f"--gpu-memory {gpu_memory:g}", host_ram_gib()) if gpu_memory is not None else Budget(
         None, "no --gpu-memory given: the defaults; pass --gpu-memory GIB to choose")
-    chosen = plan(recipe, shape, budget, on_gpu=True)
-    return apply_plan(recipe, chosen), chosen
+    return plan(recipe, shape, budget, on_gpu=True)
 
 
 def _gib_flag(value: float | None) -> float | None:
@@ -428,14 +428,14 @@ def _generate(args) -> int:
 
 def _recipes(args) -> int:
     from qlora_trainer.config.recipe_files import launch_command, load_recipe, shipped_recipe_names, shipped_recipes_dir
-    from qlora_trainer.estimate.memory import GIB, estimate
-    from qlora_trainer.estimate.memory_report import settings_from_recipe, shape_for_model
+    from qlora_trainer.estimate.memory import GIB
+    from qlora_trainer.estimate.memory_report import shape_for_model
 
     rows, launches = [], []
     for name in shipped_recipe_names():
         recipe, _ = load_recipe(name)
         shape = shape_for_model(recipe.model.name_or_path)
-        est = estimate(shape, settings_from_recipe(_planned(recipe, shape, None)[0]))
+        est = _planned(recipe, shape, None).estimate
         d = recipe.distributed
         gpus = "1" if d.strategy == "single" else f"{d.num_gpus} {d.strategy}{'+offload' if d.cpu_offload else ''}"
         rows.append((name, recipe.model.name_or_path, f"{est.total / GIB:5.1f} GiB", gpus, recipe.description))

@@ -30,6 +30,19 @@ def tiny_recipe(path: Path, model_dir: Path, **sections: dict) -> Path:
     return path
 
 
+def resolved_on_cpu(recipe, data=None):
+    """`recipe` resolved as a CPU run resolves it (planned without a GPU budget; packing and the data format from
+    `data`, the rows as loaded, when given): what build_trainer and the stages after planning take."""
+    from qlora_trainer.estimate import auto_settings
+    from qlora_trainer.estimate.memory_report import shape_for_model
+
+    shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    chosen = auto_settings.plan(recipe, shape, auto_settings.Budget(None, "test: the CPU"), on_gpu=False)
+    if data is None:
+        return auto_settings.resolve(recipe, chosen)[0]
+    return auto_settings.resolve(recipe, chosen, data.recipe_format, data.stats.get("train_mean_tokens"))[0]
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m qlora_trainer ARGS` in a fresh process, as a user would."""
     return subprocess.run([sys.executable, "-m", "qlora_trainer", *args], capture_output=True, text=True,

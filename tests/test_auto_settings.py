@@ -14,9 +14,10 @@ from helpers import REPO
 
 from qlora_trainer import cli
 from qlora_trainer.config.recipe_files import load_recipe
+from qlora_trainer.config.resolved_recipe import concrete
 from qlora_trainer.errors import UserError
 from qlora_trainer.estimate import auto_settings, fit_rule
-from qlora_trainer.estimate.auto_settings import Budget, plan, relative_time_per_token, settle, settle_packing
+from qlora_trainer.estimate.auto_settings import Budget, plan, relative_time_per_token, resolve
 from qlora_trainer.estimate.memory import GIB, estimate
 from qlora_trainer.estimate.memory_report import settings_from_recipe, shape_for_model
 
@@ -42,8 +43,8 @@ def test_auto_choice_gets_faster_with_memory_and_stays_under_the_limit(name):
     assert speed == sorted(speed, reverse=True), f"a bigger card got a slower choice: {speed}"
     for gib, chosen in plans.items():
         assert chosen.fits, f"{name} at {gib} GiB: {chosen.describe()}"
-        # The prediction is recomputed from the settled recipe, the way the run will see it.
-        settled = auto_settings.apply_plan(recipe, chosen)
+        # The prediction is recomputed from the resolved recipe, the way the run will see it.
+        settled, _ = resolve(recipe, chosen)
         predicted = estimate(shape, settings_from_recipe(settled)).total / GIB
         assert predicted == pytest.approx(chosen.predicted_gib)
         assert predicted <= gib * (1 - fit_rule.SAFETY_MARGIN)
@@ -56,15 +57,16 @@ def _time_per_token(chosen) -> float:
     return relative_time_per_token(chosen.micro_batch_size, chosen.gradient_checkpointing, chosen.activation_offloading)
 
 
-def _fitting_candidates(recipe, shape, kernels: str, gib: float, host_gib: float | None = None):
+def _fitting_candidates(recipe, shape, kernels: str, attn: str, gib: float, host_gib: float | None = None):
     """Every micro-batch / checkpointing / offloading combination the planner considers that fits `gib`."""
     for micro in (1, 2, 4, 8, 16):
         for checkpointing in (False, True):
             for offloading in (False, True):
                 if offloading and not checkpointing:
                     continue  # not a candidate: the speed model describes offloading with checkpointing only
-                settled = settle(recipe, micro_batch_size=micro, gradient_checkpointing=checkpointing,
-                                 activation_offloading=offloading, kernels=kernels)
+                settled = concrete(recipe, model={"attn_implementation": attn}, train=dict(
+                    micro_batch_size=micro, gradient_checkpointing=checkpointing, activation_offloading=offloading,
+                    kernels=kernels, packing=False, padding_free=False))
                 est = estimate(shape, settings_from_recipe(settled))
                 pinned_ok = host_gib is None or est.activation_offload_bytes / GIB <= 0.5 * host_gib
                 if fit_rule.fits(est.total / GIB, gib) and pinned_ok:
@@ -75,8 +77,7 @@ def _fitting_candidates(recipe, shape, kernels: str, gib: float, host_gib: float
 def test_the_choice_is_the_fastest_candidate_that_fits(gib):
     recipe, shape = _recipe("llama7b-r8")
     chosen = plan(recipe, shape, Budget(gib, "test"), on_gpu=True)
-    recipe = auto_settings.settle_model(recipe, attn_implementation=chosen.attn_implementation)
-    candidates = list(_fitting_candidates(recipe, shape, chosen.kernels, gib))
+    candidates = list(_fitting_candidates(recipe, shape, chosen.kernels, chosen.attn_implementation, gib))
     assert (chosen.micro_batch_size, chosen.gradient_checkpointing, chosen.activation_offloading) in candidates
     assert _time_per_token(chosen) == min(relative_time_per_token(*c) for c in candidates)
 
@@ -96,15 +97,14 @@ def test_offloading_is_not_chosen_beyond_the_ram_it_would_pin():
     recipe, shape = _recipe("llama7b-r8")
     roomy = plan(recipe, shape, Budget(24, "test", host_gib=64), on_gpu=True)
     assert roomy.activation_offloading, roomy.describe()  # the fastest at 24 GiB offloads, given the RAM
-    settled = auto_settings.apply_plan(recipe, roomy)
+    settled, _ = resolve(recipe, roomy)
     pinned = estimate(shape, settings_from_recipe(settled)).activation_offload_bytes / GIB
     tight = plan(recipe, shape, Budget(24, "test", host_gib=pinned), on_gpu=True)  # pinning it would take all RAM
     assert not tight.activation_offloading and tight.fits, tight.describe()
     assert _time_per_token(tight) > _time_per_token(roomy)
     assert any("CPU RAM" in note and "not chosen" in note for note in tight.notes), tight.notes
-    recipe = auto_settings.settle_model(recipe, attn_implementation=tight.attn_implementation)
-    assert _time_per_token(tight) == min(relative_time_per_token(*c) for c in
-                                         _fitting_candidates(recipe, shape, tight.kernels, 24, host_gib=pinned))
+    assert _time_per_token(tight) == min(relative_time_per_token(*c) for c in _fitting_candidates(
+        recipe, shape, tight.kernels, tight.attn_implementation, 24, host_gib=pinned))
 
 
 def test_explicit_values_are_obeyed_and_only_auto_keys_are_chosen():
@@ -202,7 +202,7 @@ def test_kernels_follow_liger_support_and_the_device():
     assert auto_settings.choose_kernels(recipe, "llama", on_gpu=False) == ("none", [])
     kernels, notes = auto_settings.choose_kernels(recipe, "bert", on_gpu=True)
     assert kernels == "none" and "no kernels for model type 'bert'" in notes[0]
-    liger = settle(recipe, kernels="liger")
+    liger = recipe.replaced("train", kernels="liger")
     with pytest.raises(UserError, match="train.kernels: liger needs a CUDA GPU"):
         auto_settings.choose_kernels(liger, "llama", on_gpu=False)
     with pytest.raises(UserError, match="no kernels for model type 'bert'"):
@@ -227,12 +227,46 @@ def test_explicit_cuda_only_levers_are_refused_on_the_cpu(tiny_model_dir, write_
     (300, True, "eager", False),    # eager attention over a padding-free row costs micro-batch^2 memory
 ])
 def test_auto_packing(mean, on_gpu, attn, expected):
-    recipe, _ = _recipe("llama7b-r8")
-    settled, notes = settle_packing(recipe, mean, on_gpu, attn)
+    recipe, shape = _recipe("llama7b-r8", f"model.attn_implementation={attn}")
+    chosen = plan(recipe, shape, Budget(80 if on_gpu else None, "test"), on_gpu=on_gpu)
+    settled, notes = resolve(recipe, chosen, "text", mean)
     assert (settled.train.packing, settled.train.padding_free) == (expected, expected)
     assert notes and f"packing {'on' if expected else 'off'}" in notes[0]
-    pinned, notes = settle_packing(settle(recipe, packing=False, padding_free=False), mean, on_gpu, attn)
-    assert (pinned.train.packing, pinned.train.padding_free, notes) == (False, False, [])
+    pinned = recipe.replaced("train", packing=False, padding_free=False)
+    settled, notes = resolve(pinned, chosen, "text", mean)
+    assert (settled.train.packing, settled.train.padding_free, notes) == (False, False, [])
+
+
+def test_resolving_leaves_no_auto_and_cannot_be_changed():
+    """The run takes only the resolved recipe: every `auto` settled (the data format as detected), and frozen."""
+    import pydantic
+
+    recipe, shape = _recipe("llama7b-r8")
+    auto_keys = [key for key, value in recipe.train.model_dump().items() if value == "auto"]
+    assert {"micro_batch_size", "packing", "kernels"} <= set(auto_keys)
+    chosen = plan(recipe, shape, Budget(24, "test"), on_gpu=True)
+    resolved, _ = resolve(recipe, chosen, "alpaca", 300)
+    dumped = resolved.model_dump()
+    assert [f"{s}.{k}" for s, section in dumped.items() if isinstance(section, dict)
+            for k, v in section.items() if v == "auto"] == []
+    assert (resolved.train.micro_batch_size, resolved.data.format) == (chosen.micro_batch_size, "alpaca")
+    assert resolved.model.attn_implementation == chosen.attn_implementation == "sdpa"
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        resolved.train.micro_batch_size = 1
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        resolved.lora.r = 1
+    with pytest.raises(pydantic.ValidationError, match="packing"):
+        concrete(recipe, model={"attn_implementation": "sdpa"}, train=chosen.levers())  # packing still auto
+
+
+def test_preference_methods_never_pack_and_orpo_never_offloads():
+    for method in ("dpo", "orpo"):
+        r, shape = _recipe("llama3-8b-dpo-r16", f"train.method={method}")
+        chosen = plan(r, shape, Budget(24, "test", host_gib=1000), on_gpu=True)
+        settled, notes = resolve(r, chosen, "preference", 10)
+        assert (settled.train.packing, settled.train.padding_free, notes) == (False, False, [])
+        if method == "orpo":
+            assert chosen.activation_offloading is False and "activation_offloading" not in chosen.chosen
 
 
 def test_regional_compile_wraps_each_decoder_layer(tiny_model_dir):
@@ -361,7 +395,7 @@ def test_fit_the_fit_line_the_planner_and_the_stop_apply_one_rule(capsys):
                             f"train.micro_batch_size={found['micro_batch_size']}")
     chosen = plan(recipe, shape, Budget(8, "test"), on_gpu=True)
     assert chosen.fits, chosen.describe()
-    est = estimate(shape, settings_from_recipe(auto_settings.apply_plan(recipe, chosen)))
+    est = estimate(shape, settings_from_recipe(resolve(recipe, chosen)[0]))
     assert "on a 8 GiB GPU: fits" in format_estimate(est, 8)
     check_fits(est, shape, 8, "test", force=False)
 
@@ -371,7 +405,7 @@ def test_fit_the_fit_line_the_planner_and_the_stop_apply_one_rule(capsys):
     assert "does NOT fit" in format_estimate(est, budget)
     with pytest.raises(WontFitError):
         check_fits(est, shape, budget, "test", force=False)
-    fixed = auto_settings.apply_plan(recipe, chosen)
+    fixed, _ = resolve(recipe, chosen)
     assert not plan(fixed, shape, Budget(budget, "test"), on_gpu=True).fits
 
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import resolved_on_cpu, run_cli
 
 from qlora_trainer.config.recipe_files import validate
 from qlora_trainer.dataset.data import load_data
@@ -42,7 +42,7 @@ def prepared(model_dir, path, tmp_path, seq_len=64, batch=4, **data):
     tokenizer = load_tokenizer(recipe.model)
     rows = fit_to_tokenizer(rows, recipe.data, tokenizer, seq_len, str(model_dir))
     (tmp_path / "run").mkdir(exist_ok=True)
-    trainer = build_trainer(recipe, load_base_model(recipe.model, recipe.quantization, "cpu"), tokenizer, rows,
+    trainer = build_trainer(resolved_on_cpu(recipe, rows), load_base_model(recipe.model, recipe.quantization, "cpu"), tokenizer, rows,
                             tmp_path / "run", "cpu")
     return trainer, rows, tokenizer
 

@@ -305,10 +305,10 @@ def test_launch_checks_global_batch_and_fsdp_optimizer():
     from qlora_trainer.training.train import check_launch
 
     recipe, _ = load_recipe("llama7b-r8", ["train.micro_batch_size=2", "train.global_batch_size=6"])
-    check_launch(recipe, distributed.Launch())
+    check_launch(recipe, 2, distributed.Launch())
     with pytest.raises(UserError, match=r"global_batch_size \(6\) must be a multiple of .*2 x 2.*multiple of 4"):
-        check_launch(recipe, distributed.Launch(world_size=2, strategy="ddp"))
+        check_launch(recipe, 2, distributed.Launch(world_size=2, strategy="ddp"))
     recipe, _ = load_recipe("llama7b-r8", ["train.micro_batch_size=2", "train.global_batch_size=8"])
-    check_launch(recipe, distributed.Launch(world_size=2, strategy="ddp"))
+    check_launch(recipe, 2, distributed.Launch(world_size=2, strategy="ddp"))
     with pytest.raises(UserError, match=r"train.optimizer paged_adamw_8bit: under FSDP .*adamw_torch"):
-        check_launch(recipe, distributed.Launch(world_size=2, strategy="fsdp"))
+        check_launch(recipe, 2, distributed.Launch(world_size=2, strategy="fsdp"))

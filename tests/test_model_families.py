@@ -187,14 +187,14 @@ def test_a_refused_attention_choice_is_one_line_naming_the_key(family_dirs, tmp_
 
 def test_auto_attention_drives_the_estimate_and_packing():
     from qlora_trainer.config.recipe_files import load_recipe
-    from qlora_trainer.estimate.auto_settings import Budget, apply_plan, plan, settle_packing
+    from qlora_trainer.estimate.auto_settings import Budget, plan, resolve
     from qlora_trainer.estimate.memory_report import settings_from_recipe
 
     recipe, _ = load_recipe("gemma2-9b-r16")
     assert recipe.model.attn_implementation == "auto"
     shape = model_shape(load_architecture("gemma-2-9b"), "gemma-2-9b")
     chosen = plan(recipe, shape, Budget(24.0, "test"), on_gpu=True)
-    settled = apply_plan(recipe, chosen)
+    settled, _ = resolve(recipe, chosen)
     assert chosen.attn_implementation == settled.model.attn_implementation == "eager"
     assert "attn_implementation" in chosen.chosen and "eager attention" in chosen.describe()
     # Eager keeps the seq_len^2 scores: the estimate the plan used is the eager one, not the sdpa one.
@@ -203,10 +203,8 @@ def test_auto_attention_drives_the_estimate_and_packing():
     assert eager.breakdown["activations"] > sdpa.breakdown["activations"]
     assert chosen.predicted_gib == pytest.approx(eager.total / 2**30, rel=1e-9)
     # Short rows on a GPU would pack, but not with the eager attention `auto` resolved to.
-    packed, notes = settle_packing(settled, 100, True, chosen.attn_implementation)
+    packed, notes = resolve(recipe, chosen, "prompt_completion", 100)
     assert packed.train.packing is False and "eager attention" in notes[0]
-    with pytest.raises(RuntimeError, match="still auto"):
-        settle_packing(recipe, 100, True, recipe.model.attn_implementation)
 
 
 # ---------------------------------------------------------------- the recipes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import REPO, refused_cleanly, tiny_recipe
+from helpers import REPO, refused_cleanly, resolved_on_cpu, tiny_recipe
 from safetensors.torch import load_file
 
 from qlora_trainer.config.recipe_files import load_recipe
@@ -52,7 +52,7 @@ def test_continues_the_sft_adapter_against_a_frozen_copy_of_it(sft_run, tiny_mod
     tokenizer = load_tokenizer(recipe.model)
     data = fit_to_tokenizer(load_data(recipe.data, 0, method), recipe.data, tokenizer, 64, "tiny")
     (tmp_path / "run").mkdir()
-    trainer = build_trainer(recipe, load_base_model(recipe.model, recipe.quantization, "cpu"), tokenizer, data,
+    trainer = build_trainer(resolved_on_cpu(recipe, data), load_base_model(recipe.model, recipe.quantization, "cpu"), tokenizer, data,
                             tmp_path / "run", "cpu")
     sft = load_file(str(sft_run / "adapter" / "adapter_model.safetensors"))
     params = dict(trainer.model.named_parameters())
@@ -83,7 +83,7 @@ def test_a_continued_run_starts_at_a_zero_margin(sft_run, tiny_model_dir, tmp_pa
     tokenizer = load_tokenizer(recipe.model)
     data = fit_to_tokenizer(load_data(recipe.data, 0, "dpo"), recipe.data, tokenizer, 64, "tiny")
     (tmp_path / "run").mkdir()
-    trainer = build_trainer(recipe, load_base_model(recipe.model, recipe.quantization, "cpu"), tokenizer, data,
+    trainer = build_trainer(resolved_on_cpu(recipe, data), load_base_model(recipe.model, recipe.quantization, "cpu"), tokenizer, data,
                             tmp_path / "run", "cpu")
     result = combine([score(trainer.peft_model, tokenizer, data.train.to_list()[:16], 64, 0.1, batch_size=8)])
     assert result["pairs"] == 16 and abs(result["reward_margin"]) < 1e-2

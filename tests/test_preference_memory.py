@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import REPO, run_cli, tiny_recipe
+from helpers import REPO, resolved_on_cpu, run_cli, tiny_recipe
 from test_activation_memory import saved_bytes
 
 from qlora_trainer.config.recipe_files import load_recipe, validate
@@ -69,7 +69,7 @@ def test_the_planner_fits_each_method_into_the_budget(llama8b):
     plans = {m: auto_settings.plan(recipe(m), llama8b, budget, on_gpu=True) for m in ("sft", "dpo", "orpo", "kto")}
     for method, chosen in plans.items():
         assert chosen.fits and chosen.predicted_gib <= fit_rule.usable_gib(24.0), method
-        settled = auto_settings.apply_plan(recipe(method), chosen)
+        settled, _ = auto_settings.resolve(recipe(method), chosen)
         from qlora_trainer.estimate.memory_report import settings_from_recipe
 
         assert estimate(llama8b, settings_from_recipe(settled)).total / GIB == pytest.approx(chosen.predicted_gib)
@@ -107,7 +107,7 @@ def test_the_reference_forward_saves_nothing_for_backward(tiny_model_dir, tmp_pa
     tokenizer = load_tokenizer(settled.model)
     data = fit_to_tokenizer(load_data(settled.data, 0, "dpo"), settled.data, tokenizer, 64, "tiny")
     (tmp_path / "run").mkdir()
-    trainer = build_trainer(settled, load_base_model(settled.model, settled.quantization, "cpu"), tokenizer, data,
+    trainer = build_trainer(resolved_on_cpu(settled, data), load_base_model(settled.model, settled.quantization, "cpu"), tokenizer, data,
                             tmp_path / "run", "cpu")
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 8, "4 pairs run as 8 rows"

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from helpers import REPO, fail_at_step, run_cli, tiny_recipe
+from helpers import REPO, fail_at_step, resolved_on_cpu, run_cli, tiny_recipe
 
 from qlora_trainer.config.recipe_files import load_recipe
 from qlora_trainer.dataset.data import load_data
@@ -43,7 +43,7 @@ def test_each_method_trains_only_the_adapter_of_the_4bit_base(tiny_model_dir, tm
     tokenizer = load_tokenizer(recipe.model)
     data = fit_to_tokenizer(load_data(recipe.data, 0, method), recipe.data, tokenizer, 64, "tiny")
     (tmp_path / "run").mkdir()
-    trainer = build_trainer(recipe, load_base_model(recipe.model, recipe.quantization, "cpu"), tokenizer, data,
+    trainer = build_trainer(resolved_on_cpu(recipe, data), load_base_model(recipe.model, recipe.quantization, "cpu"), tokenizer, data,
                             tmp_path / "run", "cpu")
     assert TRL_TRAINERS[method] in [cls.__name__ for cls in type(trainer).__mro__], "TRL's trainer, our subclass"
     assert hasattr(trainer, "save_adapter"), "the SFT path's checkpointing subclass"

@@ -131,8 +131,8 @@ def test_set_path_stays_relative_to_the_working_directory(write_recipe):
 
 def test_global_batch_derives_accumulation(write_recipe):
     recipe, _ = load_recipe(str(write_recipe(MINIMAL)), ["train.global_batch_size=32", "train.micro_batch_size=4"])
-    assert recipe.train.accumulation_steps() == 8
-    assert recipe.train.accumulation_steps(world_size=2) == 4
+    assert recipe.train.accumulation_for(4) == 8
+    assert recipe.train.accumulation_for(4, world_size=2) == 4
     message = error_of(write_recipe(MINIMAL), ["train.global_batch_size=10", "train.micro_batch_size=4"])
     assert "train.global_batch_size (10) must be a multiple of train.micro_batch_size (4)" in message
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import REPO
+from helpers import REPO, resolved_on_cpu
 
 from qlora_trainer.config.recipe_files import load_recipe
 from qlora_trainer.dataset.data import load_data
@@ -50,7 +50,7 @@ def test_qlora_training_updates_only_the_adapters(write_recipe, tiny_model_dir, 
     tokenizer = load_tokenizer(recipe.model)
     base = load_base_model(recipe.model, recipe.quantization, "cpu")
     data = load_data(recipe.data, seed=0)
-    trainer = build_trainer(recipe, base, tokenizer, data, tmp_path / "run", "cpu")
+    trainer = build_trainer(resolved_on_cpu(recipe, data), base, tokenizer, data, tmp_path / "run", "cpu")
     (tmp_path / "run").mkdir(exist_ok=True)
 
     params = dict(trainer.model.named_parameters())
@@ -81,7 +81,8 @@ def test_qlora_training_updates_only_the_adapters(write_recipe, tiny_model_dir, 
 def test_trainable_parameter_count_is_exact(write_recipe, tiny_model_dir, tmp_path):
     recipe = tiny_recipe(write_recipe, tiny_model_dir)
     base = load_base_model(recipe.model, recipe.quantization, "cpu")
-    trainer = build_trainer(recipe, base, load_tokenizer(recipe.model), load_data(recipe.data, 0), tmp_path, "cpu")
+    data = load_data(recipe.data, 0)
+    trainer = build_trainer(resolved_on_cpu(recipe, data), base, load_tokenizer(recipe.model), data, tmp_path, "cpu")
     hidden, inter, kv, layers, r = 64, 128, 32, 2, 8  # kv = 2 kv heads x head_dim 16
     shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
     expected = layers * sum(r * (i + o) for i, o in shapes)
@@ -92,7 +93,8 @@ def test_adapter_dtype_float32_is_honoured(write_recipe, tiny_model_dir, tmp_pat
     recipe = tiny_recipe(write_recipe, tiny_model_dir, extra="")
     recipe.lora.dtype = "float32"
     base = load_base_model(recipe.model, recipe.quantization, "cpu")
-    trainer = build_trainer(recipe, base, load_tokenizer(recipe.model), load_data(recipe.data, 0), tmp_path, "cpu")
+    data = load_data(recipe.data, 0)
+    trainer = build_trainer(resolved_on_cpu(recipe, data), base, load_tokenizer(recipe.model), data, tmp_path, "cpu")
     assert {p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad} == {torch.float32}
 
 

@@ -117,6 +117,7 @@ def recipe_for(cfg: dict, weights: Path, data_path: Path, steps: int) -> dict:
 
 def measure(cfg: dict, device: str, steps: int, workdir: Path, overrides: dict) -> dict:
     from qlora_trainer.config.recipe_files import validate
+    from qlora_trainer.config.resolved_recipe import concrete
     from qlora_trainer.dataset.data import load_data
     from qlora_trainer.estimate.memory import estimate
     from qlora_trainer.estimate.memory_report import settings_from_recipe, shape_for_model
@@ -126,7 +127,8 @@ def measure(cfg: dict, device: str, steps: int, workdir: Path, overrides: dict) 
     weights = build_weights(cfg["arch"], workdir / "weights", overrides)
     run = workdir / f"run-{os.getpid()}"  # concurrent jobs: each its own checkpoints and staging directory
     data_path = synthetic_rows(run / "rows.jsonl", cfg["seq_len"], steps * cfg["batch_size"] + 8)
-    recipe = validate(recipe_for(cfg, weights, data_path, steps), source="measure_vram")
+    # Every lever is set, so the recipe is concrete as it stands: resolving only checks that.
+    recipe = concrete(validate(recipe_for(cfg, weights, data_path, steps), source="measure_vram"))
     settings = dataclasses.replace(settings_from_recipe(recipe), activation_offloading=cfg["offload"],
                                    kernels=cfg["kernels"], packing=cfg["packing"], padding_free=cfg["packing"])
     predicted = estimate(shape_for_model(str(weights)), settings)

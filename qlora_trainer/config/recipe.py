@@ -118,8 +118,6 @@ COLUMN_FIELDS = ("messages", "conversations", "prompt", "completion", "instructi
 
 
 AUTO = "auto"
-# Keys whose `auto` the memory planner (auto_settings.py) settles for the GPU in front of the run.
-PLANNED_KEYS = ("micro_batch_size", "gradient_checkpointing", "activation_offloading")
 
 
 # Training methods: supervised fine-tuning, and the preference methods TRL runs over a PEFT model.
@@ -220,15 +218,12 @@ class TrainSection(_Section):
         micro = 1 if self.micro_batch_size == AUTO else self.micro_batch_size
         return micro * self.gradient_accumulation_steps * world_size
 
-    def accumulation_steps(self, world_size: int = 1) -> int:
-        if self.micro_batch_size == AUTO:
-            raise RuntimeError("train.micro_batch_size is still auto: auto_settings.plan() settles it first")
+    def accumulation_for(self, micro_batch_size: int, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step in each process, at this micro-batch (the planned one, before the
+        recipe is resolved)."""
         if self.global_batch_size is None:
             return self.gradient_accumulation_steps
-        return self.global_batch_size // (self.micro_batch_size * world_size)
-
-    def unresolved(self) -> list[str]:
-        return [key for key in PLANNED_KEYS + ("packing", "padding_free", "kernels") if getattr(self, key) == AUTO]
+        return self.global_batch_size // (micro_batch_size * world_size)
 
     @model_validator(mode="after")
     def _global_batch_divides(self) -> TrainSection:
@@ -316,6 +311,8 @@ class DistributedSection(_Section):
 
 
 class Recipe(_Section):
+    """What the user wrote, `auto` values and all; planning turns it into a ResolvedRecipe (resolved_recipe.py)."""
+
     description: str = Field("", description="One line shown by `qlora-trainer recipes`.")
     model: ModelSection
     quantization: QuantizationSection = QuantizationSection()
@@ -328,6 +325,12 @@ class Recipe(_Section):
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
     distributed: DistributedSection = DistributedSection()
+
+    def replaced(self, section: str, **values) -> Recipe:
+        """This recipe with these keys of `section` set (a command-line override), validated again."""
+        raw = self.model_dump(mode="json")
+        raw[section].update(values)
+        return type(self).model_validate(raw)
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Recipe:
@@ -345,7 +348,8 @@ class Recipe(_Section):
         """What train.method needs from the other sections."""
         method, t = self.train.method, self.train
         for name, section in METHOD_SECTIONS.items():
-            if name != method and getattr(self, name) != section():
+            # Compared as values: a resolved recipe's sections are frozen subclasses of these.
+            if name != method and getattr(self, name).model_dump() != section().model_dump():
                 return f"the {name} section is set but train.method is {method}; set train.method: {name} or remove it"
         sft_formats, preference_formats = ("preference", "kto"), {"dpo": ("preference",), "orpo": ("preference",),
                                                                    "kto": ("preference", "kto")}

@@ -43,6 +43,7 @@ class Data:
     eval: object | None
     format: str  # as detected: messages, sharegpt, prompt_completion, alpaca, text, preference or kto
     source: str
+    recipe_format: str = ""  # the data.format value that names it (sharegpt rows are `messages`), for the recipe
     notes: list[str] = field(default_factory=list)  # what happened to the rows, for the run output
     stats: dict = field(default_factory=dict)  # the same as numbers, for summary.json
 
@@ -55,14 +56,14 @@ class _Rows:
 
 
 def load_data(section: DataSection, seed: int, method: str = "sft") -> Data:
-    """Load, check and convert the training (and eval) rows for train.method `method`. Sets `section.format` to
-    the detected format, so the saved recipe records it and a rerun checks it."""
+    """Load, check and convert the training (and eval) rows for train.method `method`. `recipe_format` is the
+    detected format as data.format names it: the resolved recipe records it, so a rerun checks it."""
     raw = _read_source(section.path, section, "path")
     if section.max_rows:
         raw.rows = raw.rows[:section.max_rows]
     _require_some_object(raw)
     fmt = detect_format(_columns(raw), section.format, raw.source, method)
-    section.format = "messages" if fmt == "sharegpt" else fmt
+    recipe_format = "messages" if fmt == "sharegpt" else fmt
     stats: dict = {}
     notes: list[str] = []
     train = _convert(raw, fmt, section, stats, notes, "train")
@@ -70,7 +71,7 @@ def load_data(section: DataSection, seed: int, method: str = "sft") -> Data:
     if section.eval_path:
         eval_raw = _read_source(section.eval_path, section, "eval_path")
         _require_some_object(eval_raw)
-        eval_fmt = detect_format(_columns(eval_raw), section.format, eval_raw.source, method)
+        eval_fmt = detect_format(_columns(eval_raw), recipe_format, eval_raw.source, method)
         eval_set = _convert(eval_raw, eval_fmt, section, stats, notes, "eval")
     elif section.eval_fraction > 0:
         held_out = round(len(train) * section.eval_fraction)
@@ -80,7 +81,8 @@ def load_data(section: DataSection, seed: int, method: str = "sft") -> Data:
         parts = train.train_test_split(test_size=held_out, seed=seed)
         train, eval_set = parts["train"], parts["test"]
     stats.update(train_rows=len(train), eval_rows=len(eval_set) if eval_set is not None else 0)
-    data = Data(train=train, eval=eval_set, format=fmt, source=raw.source, notes=notes, stats=stats)
+    data = Data(train=train, eval=eval_set, format=fmt, source=raw.source, recipe_format=recipe_format, notes=notes,
+                stats=stats)
     notes.insert(0, count_note(data))
     return data
 

@@ -2,8 +2,9 @@
 
 The estimator predicts every candidate's peak memory; a small speed model, measured on an H100, ranks the
 candidates that fit; the fastest one wins. Explicit values in a recipe are obeyed and only the `auto` keys
-are chosen. The result is a recipe with concrete values (saved as the run's recipe.yaml, so a resume trains
-exactly as the run started) and a Plan that says what was chosen and why.
+are chosen. `plan()` says what was chosen and why, before the rows are read; `resolve()` then settles packing
+from the rows as measured and returns the ResolvedRecipe the run trains with (saved as its recipe.yaml, so a
+resume trains exactly as the run started).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_trainer.config.recipe import AUTO, Recipe
+from qlora_trainer.config.resolved_recipe import ResolvedRecipe, concrete
 from qlora_trainer.errors import UserError
 from qlora_trainer.estimate import attention, fit_rule
-from qlora_trainer.estimate.memory import GIB, ModelShape, estimate
+from qlora_trainer.estimate.memory import GIB, Estimate, ModelShape, estimate
 from qlora_trainer.estimate.memory_report import settings_from_recipe
 from qlora_trainer.estimate.method_memory import min_micro_batch
 
@@ -60,12 +62,22 @@ class Plan:
     gradient_checkpointing: bool
     activation_offloading: bool
     kernels: str
-    predicted_gib: float
+    estimate: Estimate  # of the chosen settings; packing not yet known, so the worst case (estimate_unpacked)
     budget: Budget
     fits: bool
     chosen: list[str]  # the keys that were `auto`
     notes: list[str] = dataclasses.field(default_factory=list)
     attn_implementation: str = "sdpa"  # the implementation the model runs with (settled from `auto`)
+    on_gpu: bool = True
+
+    @property
+    def predicted_gib(self) -> float:
+        return self.estimate.total / GIB
+
+    def levers(self) -> dict:
+        """The train keys the plan settled, as recipe values."""
+        return {"micro_batch_size": self.micro_batch_size, "gradient_checkpointing": self.gradient_checkpointing,
+                "activation_offloading": self.activation_offloading, "kernels": self.kernels}
 
     def describe(self) -> str:
         """What the `auto` keys became, and why: "micro-batch 8, checkpointing on: 11.2 of 12.0 GiB predicted
@@ -82,9 +94,7 @@ class Plan:
                 f"({verdict}; budget: {self.budget.source})")
 
     def to_json(self) -> dict:
-        return {"micro_batch_size": self.micro_batch_size, "gradient_checkpointing": self.gradient_checkpointing,
-                "activation_offloading": self.activation_offloading, "kernels": self.kernels,
-                "attn_implementation": self.attn_implementation, "predicted_gib": round(self.predicted_gib, 3),
+        return {**self.levers(), "attn_implementation": self.attn_implementation, "predicted_gib": round(self.predicted_gib, 3),
                 "budget_gib": self.budget.gib, "budget_source": self.budget.source, "fits": self.fits, "chosen": self.chosen,
                 "reason": self.describe(), "notes": self.notes}
 
@@ -107,48 +117,56 @@ def plan(recipe: Recipe, shape: ModelShape, budget: Budget, on_gpu: bool, launch
     The attention implementation is settled first: its activation terms differ (eager keeps seq_len^2 scores)."""
     attn = attention.resolve(shape, recipe.model.attn_implementation)
     auto_attention = ["attn_implementation"] if recipe.model.attn_implementation == AUTO else []
-    recipe = settle_model(recipe, attn_implementation=attn)
     t = recipe.train
     world = launch.world_size if launch is not None else recipe.distributed.num_gpus
     kernels, notes = choose_kernels(recipe, shape.model_type, on_gpu)
-    fixed = {"micro_batch_size": t.micro_batch_size, "gradient_checkpointing": t.gradient_checkpointing,
-             "activation_offloading": t.activation_offloading}
+    fixed = _fixed_levers(recipe)
     chosen = [key for key, value in fixed.items() if value == AUTO] + (["kernels"] if t.kernels == AUTO else [])
     smallest = min_micro_batch(t.method)
-    defaults = {"micro_batch_size": smallest, "gradient_checkpointing": True, "activation_offloading": False}
+    common = dict(kernels=kernels, budget=budget, chosen=chosen + auto_attention, attn_implementation=attn,
+                  on_gpu=on_gpu)
     if budget.gib is None or not on_gpu:
+        defaults = {"micro_batch_size": smallest, "gradient_checkpointing": True, "activation_offloading": False}
         values = {key: defaults[key] if value == AUTO else value for key, value in fixed.items()}
-        predicted = _estimate(recipe, shape, kernels, launch, **values).total / GIB
-        return Plan(**values, kernels=kernels, predicted_gib=predicted, budget=budget, fits=True,
-                    chosen=chosen + auto_attention, notes=notes, attn_implementation=attn)
-    scored = _score(recipe, shape, kernels, launch, fixed, t.global_batch(world) // world, budget, smallest)
+        est = estimate_unpacked(recipe, shape, launch, attn_implementation=attn, kernels=kernels, **values)
+        return Plan(**values, estimate=est, fits=True, notes=notes, **common)
+    scored = _score(recipe, shape, kernels, attn, launch, fixed, t.global_batch(world) // world, budget, smallest)
     fitting = [c for c in scored if c.fits]
     # The fastest candidate by the speed model; among equally fast ones the larger micro-batch, then the smaller
     # prediction. Where nothing fits, the smallest, so that the fit check names the fixes.
     best = (min(fitting, key=lambda c: (c.time_per_token, -c.values["micro_batch_size"], c.predicted_gib))
             if fitting else min(scored, key=lambda c: c.predicted_gib))
-    notes = notes + _ram_note(scored, best, budget)
-    return Plan(**best.values, kernels=kernels, predicted_gib=best.predicted_gib, budget=budget, fits=bool(fitting),
-                chosen=chosen + auto_attention, notes=notes, attn_implementation=attn)
+    return Plan(**best.values, estimate=best.estimate, fits=bool(fitting),
+                notes=notes + _ram_note(scored, best, budget), **common)
+
+
+def _fixed_levers(recipe: Recipe) -> dict:
+    """The planned keys as the recipe sets them (`auto` or a value). ORPO's `auto` offloading is off: TRL's ORPO
+    trainer has no activation offloading."""
+    t = recipe.train
+    offloading = False if t.method == "orpo" and t.activation_offloading == AUTO else t.activation_offloading
+    return {"micro_batch_size": t.micro_batch_size, "gradient_checkpointing": t.gradient_checkpointing,
+            "activation_offloading": offloading}
 
 
 @dataclass(frozen=True)
 class _Candidate:
     values: dict
+    estimate: Estimate
     predicted_gib: float
     offloaded_gib: float  # pinned CPU RAM for offloaded activations
     time_per_token: float
     fits: bool
 
 
-def _score(recipe: Recipe, shape: ModelShape, kernels: str, launch, fixed: dict, per_process_batch: int,
+def _score(recipe: Recipe, shape: ModelShape, kernels: str, attn: str, launch, fixed: dict, per_process_batch: int,
            budget: Budget, smallest: int) -> list[_Candidate]:
     scored = []
     for values in _candidates(fixed, per_process_batch, smallest):
-        est = _estimate(recipe, shape, kernels, launch, **values)
+        est = estimate_unpacked(recipe, shape, launch, attn_implementation=attn, kernels=kernels, **values)
         offloaded = est.activation_offload_bytes / GIB
         ram_ok = budget.host_gib is None or offloaded <= PINNED_RAM_SHARE * budget.host_gib
-        scored.append(_Candidate(values, est.total / GIB, offloaded, relative_time_per_token(**_speed_keys(values)),
+        scored.append(_Candidate(values, est, est.total / GIB, offloaded, relative_time_per_token(**_speed_keys(values)),
                                  fit_rule.fits(est.total / GIB, budget.gib) and ram_ok))
     return scored
 
@@ -188,32 +206,30 @@ def _candidates(fixed: dict, per_process_batch: int, smallest: int = 1) -> list[
             or fixed["gradient_checkpointing"] is False and fixed["activation_offloading"] is True]
 
 
-def _estimate(recipe: Recipe, shape: ModelShape, kernels: str, launch, **values):
-    settled = settle(recipe, micro_batch_size=values["micro_batch_size"],
-                     gradient_checkpointing=values["gradient_checkpointing"],
-                     activation_offloading=values["activation_offloading"], kernels=kernels)
-    return estimate(shape, settings_from_recipe(settled, launch))
+def estimate_unpacked(recipe: Recipe, shape: ModelShape, launch=None, **levers) -> Estimate:
+    """The estimate for these planned values, before the rows say whether to pack: the worst case, a micro-batch
+    of full seq_len sequences, costs the same memory packed or not (eager attention, where it would not, never
+    packs)."""
+    return estimate(shape, settings_from_recipe(_resolved(recipe, levers, {}), launch))
 
 
-def settle(recipe: Recipe, **values) -> Recipe:
-    """The recipe with these train keys set to concrete values (validated again, so a choice cannot produce a
-    recipe that the schema would refuse)."""
-    raw = recipe.model_dump(mode="json")
-    raw["train"].update(values)
-    return Recipe.model_validate(raw)
+def resolve(recipe: Recipe, chosen: Plan, data_format: str | None = None,
+            mean_tokens: float | None = None) -> tuple[ResolvedRecipe, list[str]]:
+    """The one step that settles every `auto`: the plan's levers and attention, the data format as detected and
+    packing from the rows' mean length in tokens. Without rows (an estimate, a dry run that cannot read them)
+    packing stays off unless the recipe turns it on, as `estimate_unpacked` assumes. Returns the resolved
+    recipe and the notes on what packing became."""
+    packing, notes = _packing(recipe, chosen, mean_tokens)
+    levers = {**chosen.levers(), "attn_implementation": chosen.attn_implementation}
+    return _resolved(recipe, levers, packing, data_format), notes
 
 
-def settle_model(recipe: Recipe, **values) -> Recipe:
-    """The recipe with these model keys set to concrete values, validated again."""
-    raw = recipe.model_dump(mode="json")
-    raw["model"].update(values)
-    return Recipe.model_validate(raw)
-
-
-def apply_plan(recipe: Recipe, chosen: Plan) -> Recipe:
-    recipe = settle_model(recipe, attn_implementation=chosen.attn_implementation)
-    return settle(recipe, micro_batch_size=chosen.micro_batch_size, gradient_checkpointing=chosen.gradient_checkpointing,
-                  activation_offloading=chosen.activation_offloading, kernels=chosen.kernels)
+def _resolved(recipe: Recipe, levers: dict, packing: dict, data_format: str | None = None) -> ResolvedRecipe:
+    t = recipe.train
+    train = {key: value for key, value in levers.items() if key != "attn_implementation"}
+    train.update({"packing": t.packing is True, "padding_free": t.padding_free is True, **packing})
+    return concrete(recipe, model={"attn_implementation": levers["attn_implementation"]}, train=train,
+                    data={"format": data_format} if data_format else None)
 
 
 # ---------------------------------------------------------------- kernels and packing
@@ -265,31 +281,29 @@ def choose_kernels(recipe: Recipe, model_type: str, on_gpu: bool) -> tuple[str, 
     return ("liger" if on_gpu else "none"), []
 
 
-def settle_packing(recipe: Recipe, mean_tokens: float, on_gpu: bool, attn_implementation: str) -> tuple[Recipe, list[str]]:
+def _packing(recipe: Recipe, chosen: Plan, mean_tokens: float | None) -> tuple[dict, list[str]]:
     """`auto` packing: on a GPU, pack when rows average at most PACK_BELOW of seq_len; padding-free follows
     packing. Eager attention stays unpacked: over a padding-free row it scores every token against every other
-    of the micro-batch, micro-batch^2 times the memory of separate rows. `attn_implementation` is the resolved
-    one (plan() settles `auto`): an `auto` that becomes eager, as for Gemma-2, must not pack."""
-    if attn_implementation == AUTO:
-        raise RuntimeError("model.attn_implementation is still auto: auto_settings.plan() settles it first")
+    of the micro-batch, micro-batch^2 times the memory of separate rows. Preference methods never pack (TRL's
+    DPO trainer falls back to padding; the others have none)."""
     t = recipe.train
-    if t.packing != AUTO and t.padding_free != AUTO:
-        return recipe, []
-    eligible = on_gpu and attn_implementation != "eager"
+    if t.method != "sft":
+        return {"packing": False, "padding_free": False}, []
+    if mean_tokens is None or (t.packing != AUTO and t.padding_free != AUTO):
+        return {}, []
+    eligible = chosen.on_gpu and chosen.attn_implementation != "eager"
     packing = t.packing if t.packing != AUTO else eligible and mean_tokens <= PACK_BELOW * t.seq_len
     padding_free = t.padding_free if t.padding_free != AUTO else bool(packing)
     notes = []
     if t.packing == AUTO:
         why = ("rows average {:.0f} tokens, at most {:.0%} of seq_len {}".format(mean_tokens, PACK_BELOW, t.seq_len)
-               if packing else "off on the CPU" if not on_gpu else "eager attention" if not eligible
+               if packing else "off on the CPU" if not chosen.on_gpu else "eager attention" if not eligible
                else f"rows average {mean_tokens:.0f} tokens, over {PACK_BELOW:.0%} of seq_len {t.seq_len}")
         notes.append(f"packing {_on(packing)} (auto: {why}), padding-free {_on(padding_free)}")
-    return settle(recipe, packing=packing, padding_free=padding_free), notes
+    return {"packing": packing, "padding_free": padding_free}, notes
 
 
-def estimate_json(est, chosen: Plan) -> dict:
+def estimate_json(est: Estimate, chosen: Plan) -> dict:
     """The estimate's contract JSON with the settled values at the top, as `estimate --json`, estimate.json and
     the plan all report them."""
-    return {**est.to_json(chosen.budget.gib), "micro_batch_size": chosen.micro_batch_size,
-            "gradient_checkpointing": chosen.gradient_checkpointing,
-            "activation_offloading": chosen.activation_offloading, "kernels": chosen.kernels, "auto": chosen.to_json()}
+    return {**est.to_json(chosen.budget.gib), **chosen.levers(), "auto": chosen.to_json()}

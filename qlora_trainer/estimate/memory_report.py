@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from qlora_trainer.config.recipe import AUTO, PLANNED_KEYS, Recipe
+from qlora_trainer.config.resolved_recipe import ResolvedRecipe
 from qlora_trainer.errors import UserError, WontFitError
 from qlora_trainer.estimate import fit_rule
 from qlora_trainer.estimate.memory import GIB, Estimate, ModelShape, Settings, estimate, model_shape
@@ -87,18 +87,15 @@ def shape_for_size(size: str) -> ModelShape:
     return shape_for_model(DEFAULT_FOR_SIZE[key])
 
 
-def settings_from_recipe(recipe: Recipe, launch=None) -> Settings:
-    """Estimator inputs from a recipe, for the launch given (a run's), else the one the recipe is written for."""
+def settings_from_recipe(recipe: ResolvedRecipe, launch=None) -> Settings:
+    """Estimator inputs from a resolved recipe, for the launch given (a run's), else the one the recipe is
+    written for."""
     lora, train = recipe.lora, recipe.train
     if launch is None:
         d = recipe.distributed
         strategy, gpus, offload = d.strategy, d.num_gpus, d.cpu_offload
     else:
         strategy, gpus, offload = launch.strategy, launch.world_size, launch.cpu_offload
-    unsettled = [f"train.{key}" for key in PLANNED_KEYS + ("kernels",) if getattr(train, key) == AUTO]
-    unsettled += ["model.attn_implementation"] if recipe.model.attn_implementation == AUTO else []
-    if unsettled:
-        raise RuntimeError(f"{', '.join(unsettled)} still auto: auto_settings.plan() settles them first")
     return Settings(
         rank=lora.r, target_modules=lora.target_modules, lora_dropout=lora.dropout, use_dora=lora.use_dora,
         lora_dtype=lora.dtype, compute_dtype=recipe.quantization.compute_dtype,
@@ -107,9 +104,7 @@ def settings_from_recipe(recipe: Recipe, launch=None) -> Settings:
         attn_implementation=recipe.model.attn_implementation,
         strategy=strategy, num_gpus=gpus, cpu_offload=offload,
         activation_offloading=train.activation_offloading, kernels=train.kernels,
-        # `auto` packing is settled once the rows are measured; the worst case, a micro-batch of full seq_len
-        # sequences, costs the same memory packed or not (eager attention, where it would not, never packs).
-        padding_free=train.padding_free is True, packing=train.packing is True, method=train.method,
+        padding_free=train.padding_free, packing=train.packing, method=train.method,
     )
 
 

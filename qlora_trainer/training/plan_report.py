@@ -13,9 +13,10 @@ from qlora_trainer.training.preference_trainer import describe_method
 from qlora_trainer.training.trainer_setup import optimizer_for
 
 
-def describe_plan(recipe: Recipe, recipe_name: str, output_dir: Path, device: str, launch: Launch = Launch(),
-                  chosen: Plan | None = None) -> str:
-    """What the run will do, printed before anything loads: the settings the recipe and the planner settled on."""
+def describe_plan(recipe: Recipe, recipe_name: str, output_dir: Path, device: str, launch: Launch,
+                  chosen: Plan) -> str:
+    """What the run will do, printed before anything loads: the settings the recipe and the planner settled on
+    (packing is settled once the rows are read: the data lines say what it became)."""
     t, lora, q = recipe.train, recipe.lora, recipe.quantization
     length = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epoch(s)"
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
@@ -24,22 +25,22 @@ def describe_plan(recipe: Recipe, recipe_name: str, output_dir: Path, device: st
     return "\n".join([
         f"qlora-trainer: recipe {recipe_name}",
         f"  model     {recipe.model.name_or_path}: 4-bit {q.quant_type}{' + double quant' if q.double_quant else ''}, "
-        f"compute {q.compute_dtype}, {recipe.model.attn_implementation} attention{_attention_origin(chosen)}",
+        f"compute {q.compute_dtype}, {chosen.attn_implementation} attention{_attention_origin(chosen)}",
         f"  lora      r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {targets}{extras}, {lora.dtype} adapters",
         f"  data      {data}, format {recipe.data.format}",
-        f"  training  {length}, {_batch_arithmetic(t, launch.world_size)} sequences/step, seq_len {t.seq_len}, lr {t.learning_rate:g} "
+        f"  training  {length}, {_batch_arithmetic(t, chosen.micro_batch_size, launch.world_size)} sequences/step, seq_len {t.seq_len}, lr {t.learning_rate:g} "
         f"{t.lr_scheduler}, {_optimizer(t.optimizer, device)}",
-        f"  speed     {_levers(t)}",
+        f"  speed     {_levers(t, chosen)}",
     ] + [f"  method    {line}" for line in describe_method(recipe)] + (
-        [f"  auto      {chosen.describe()}"] if chosen is not None and chosen.chosen else []) + [
+        [f"  auto      {chosen.describe()}"] if chosen.chosen else []) + [
         f"  device    {device}, {launch.describe()}",
         f"  output    {output_dir}",
     ] + [f"  NOTE      {note}" for note in _launch_notes(recipe, recipe_name, launch)]
       + [f"  WARNING   {warning}" for warning in _security_warnings(recipe)])
 
 
-def _attention_origin(chosen: Plan | None) -> str:
-    return " (auto: transformers' choice for the model)" if chosen and "attn_implementation" in chosen.chosen else ""
+def _attention_origin(chosen: Plan) -> str:
+    return " (auto: transformers' choice for the model)" if "attn_implementation" in chosen.chosen else ""
 
 
 def _launch_notes(recipe: Recipe, recipe_name: str, launch: Launch) -> list[str]:
@@ -58,17 +59,19 @@ def _optimizer(name: str, device: str) -> str:
     return name if used == name else f"{name} (as {used} on the CPU: bitsandbytes pages only on CUDA)"
 
 
-def _levers(t) -> str:
+def _levers(t, chosen: Plan) -> str:
     def on(flag) -> str:
         return "auto" if flag == "auto" else "on" if flag else "off"
 
-    return (f"checkpointing {on(t.gradient_checkpointing)}, activation offloading {on(t.activation_offloading)}, "
-            f"kernels {t.kernels}, compile {on(t.compile)}, packing {on(t.packing)}, padding-free {on(t.padding_free)}")
+    packing = f", packing {on(t.packing)}, padding-free {on(t.padding_free)}" if t.method == "sft" else ""
+    return (f"checkpointing {on(chosen.gradient_checkpointing)}, activation offloading "
+            f"{on(chosen.activation_offloading)}, kernels {chosen.kernels}, compile {on(t.compile)}{packing}")
 
 
-def _batch_arithmetic(t, world_size: int) -> str:
-    per_process = f"{t.micro_batch_size} x {t.accumulation_steps(world_size)} accumulation"
-    total = t.micro_batch_size * t.accumulation_steps(world_size) * world_size
+def _batch_arithmetic(t, micro_batch_size: int, world_size: int) -> str:
+    accumulation = t.accumulation_for(micro_batch_size, world_size)
+    per_process = f"{micro_batch_size} x {accumulation} accumulation"
+    total = micro_batch_size * accumulation * world_size
     return f"{per_process} x {world_size} processes = {total}" if world_size > 1 else f"{per_process} = {total}"
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from qlora_trainer.config.recipe import Recipe
 from qlora_trainer.dataset.preference_rows import unpaired
 from qlora_trainer.errors import UserError
-from qlora_trainer.estimate.auto_settings import settle
 from qlora_trainer.training.sft_trainer import qlora_sft_trainer
 
 
@@ -45,18 +44,6 @@ def trainer_rows(recipe: Recipe, data):
     # would train on one label at a time.
     train = unpaired(data.train).shuffle(seed=recipe.train.seed)
     return train, unpaired(data.eval) if data.eval is not None else None
-
-
-def settle_levers(recipe: Recipe) -> Recipe:
-    """The `auto` levers a preference method cannot use, settled off before the plan: packing and padding-free
-    (TRL's DPOTrainer falls back to padding; the others have none), and ORPO's activation offloading."""
-    t, off = recipe.train, {}
-    if t.method == "sft":
-        return recipe
-    off.update({key: False for key in ("packing", "padding_free") if getattr(t, key) == "auto"})
-    if t.method == "orpo" and t.activation_offloading == "auto":
-        off["activation_offloading"] = False
-    return settle(recipe, **off) if off else recipe
 
 
 def describe_method(recipe: Recipe) -> list[str]:

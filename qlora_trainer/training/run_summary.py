@@ -10,6 +10,7 @@ from qlora_trainer.estimate.auto_settings import Plan
 from qlora_trainer.files.run_dir import SUMMARY
 from qlora_trainer.loading import model as model_lib
 from qlora_trainer.training.metrics import MetricsLogger
+from qlora_trainer.training.run_state import PreparedRun, RunContext
 
 
 @dataclass
@@ -34,14 +35,15 @@ def memory_sampler(trainer):
     return loggers[0].memory if loggers else None
 
 
-def summarise(recipe, options, trainer, outcome: Outcome, rows, data, launch) -> dict:
+def summarise(prepared: PreparedRun, ctx: RunContext, trainer, outcome: Outcome, rows: list[dict]) -> dict:
     """Tokens are counted over all processes (TRL gathers them); memory and adapter checksums per process."""
+    recipe, data, launch = prepared.recipe, prepared.data, ctx.launch
     runtime, memory = outcome.runtime, outcome.memory
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     final_eval = next((r for r in reversed(rows) if r.get("eval_loss") is not None), {})
     tokens = max((r.get("tokens") or 0 for r in rows), default=0)
     return {
-        "recipe": options.recipe_name,
+        "recipe": ctx.options.recipe_name,
         "model": recipe.model.name_or_path,
         "device": "cuda" if memory[0]["measured"] is not None else "cpu",
         "processes": launch.world_size,

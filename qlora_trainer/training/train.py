@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,12 +21,13 @@ import torch
 from qlora_trainer import distributed
 from qlora_trainer.config.recipe import Recipe
 from qlora_trainer.config.recipe_files import dump_recipe, read_saved_recipe
+from qlora_trainer.config.resolved_recipe import ResolvedRecipe
 from qlora_trainer.dataset.data import check_data_path, load_data
 from qlora_trainer.dataset.sequence_fit import describe_data, fit_to_tokenizer
 from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import Interrupted, TrainingFailed, UserError, WontFitError, first_line
 from qlora_trainer.estimate import auto_settings, gpu_budget
-from qlora_trainer.estimate.memory import GIB, estimate
+from qlora_trainer.estimate.memory import GIB, ModelShape, estimate
 from qlora_trainer.estimate.memory_report import (
     check_fits,
     fixes_that_fit,
@@ -48,26 +48,17 @@ from qlora_trainer.files.run_dir import (
 )
 from qlora_trainer.loading import base_fingerprint, continued_adapter, model_checks
 from qlora_trainer.loading import model as model_lib
-from qlora_trainer.training import dry_run, gpu_memory, preference_trainer, speed_levers, trackers
+from qlora_trainer.training import dry_run, gpu_memory, speed_levers, trackers
 from qlora_trainer.training.exact_match import held_out_exact_match
 from qlora_trainer.training.failed_run import KeptOnlyOnceStepped
 from qlora_trainer.training.metrics import plot_loss, read_metrics
 from qlora_trainer.training.plan_report import describe_plan
 from qlora_trainer.training.preference_eval import held_out_preference
 from qlora_trainer.training.resume import WriteWhenLoaded, resumed_metrics, usable_checkpoint
+from qlora_trainer.training.run_state import PreparedRun, RunContext, RunOptions
 from qlora_trainer.training.run_summary import Outcome, describe_summary, memory_sampler, summarise
 from qlora_trainer.training.safeguards import StopOnNonFinite, StopOnSignal
 from qlora_trainer.training.trainer_setup import build_trainer
-
-
-@dataclass
-class RunOptions:
-    recipe_name: str
-    output_dir: Path
-    resume: bool = False
-    dry_run: bool = False
-    force: bool = False
-    gpu_memory: float | None = None  # --gpu-memory: caps the GPU memory and plans for it, as train.gpu_memory_gib
 
 
 def pick_device(recipe: Recipe) -> str:
@@ -98,31 +89,28 @@ def _train(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> 
         prepared = _prepare(recipe, options, launch, device)
     if prepared is None:
         return None
-    recipe, shape, predicted, chosen, data, tokenizer = prepared
-    estimate_json = auto_settings.estimate_json(predicted, chosen)
     with contextlib.ExitStack() as hold:  # the main process holds the run directory's lock until the run ends
-        run, made, checkpoint, deferred = distributed.on_main(
-            lambda: _open_run_dir(recipe, options, estimate_json, chosen, hold), launch)
-        with KeptOnlyOnceStepped(run, made, options.resume, launch.is_main) as attempt:
-            return _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt)
+        ctx = distributed.on_main(lambda: _open_run_dir(prepared, options, hold), launch)
+        ctx = dataclasses.replace(ctx, launch=launch, device=device)  # this process's, not the main one's
+        with KeptOnlyOnceStepped(ctx.run, ctx.made, options.resume, launch.is_main) as attempt:
+            return _train_in(prepared, ctx, attempt)
 
 
-def _train_in(options, launch, device, prepared, run, checkpoint, deferred, attempt) -> dict | None:
+def _train_in(prepared: PreparedRun, ctx: RunContext, attempt: KeptOnlyOnceStepped) -> dict | None:
     """The run from loading the model to summary.json, in the run directory `_open_run_dir` made."""
-    recipe, shape, predicted, chosen, data, tokenizer = prepared
-    context_bytes = gpu_memory.context_bytes() if device == "cuda" else None
+    recipe, data, tokenizer, launch, run = prepared.recipe, prepared.data, prepared.tokenizer, ctx.launch, ctx.run
+    context_bytes = gpu_memory.context_bytes() if ctx.device == "cuda" else None
 
     torch.manual_seed(recipe.train.seed)
     guards = (StopOnSignal(), StopOnNonFinite())
-    attempt.trainer = trainer = _build(recipe, launch, tokenizer, data, run, device,
-                                       (*guards, WriteWhenLoaded(run, deferred)))
-    outcome = Outcome(report=model_lib.parameter_report(trainer.model), plan=chosen)
+    attempt.trainer = trainer = _build(prepared, ctx, (*guards, WriteWhenLoaded(run, ctx.deferred)))
+    outcome = Outcome(report=model_lib.parameter_report(trainer.model), plan=prepared.plan)
     print(model_lib.format_parameter_report(outcome.report), flush=True)
 
     outcome.before = held_out_exact_match(recipe, trainer, tokenizer, data, launch, "before training")
     outcome.preference_before = held_out_preference(recipe, trainer, tokenizer, data, launch, "before training")
     started = time.perf_counter()
-    outcome.result = _run_guarded(trainer, guards, checkpoint, run, predicted, shape)
+    outcome.result = _run_guarded(trainer, guards, ctx, prepared)
     outcome.runtime = time.perf_counter() - started
     outcome.after = held_out_exact_match(recipe, trainer, tokenizer, data, launch, "after training")
     outcome.preference_after = held_out_preference(recipe, trainer, tokenizer, data, launch, "after training")
@@ -133,41 +121,40 @@ def _train_in(options, launch, device, prepared, run, checkpoint, deferred, atte
     except OSError as err:
         raise _saving_failed(run, err) from None
     outcome.memory = distributed.gather(
-        gpu_memory.peak_memory_report(predicted.total, memory_sampler(trainer), context_bytes), launch)
+        gpu_memory.peak_memory_report(prepared.predicted.total, memory_sampler(trainer), context_bytes), launch)
     # DDP keeps the copies identical; a difference would mean the processes trained apart. FSDP holds shards.
     if launch.strategy != "fsdp":
         outcome.checksums = distributed.gather(model_lib.adapter_checksum(trainer.peft_model), launch)
     if outcome.checksums and len(set(outcome.checksums)) > 1:
         print(f"WARNING: the processes ended with different adapters ({outcome.checksums}); the main process's is saved")
 
-    summary = distributed.on_main(
-        lambda: _save_results(recipe, options, trainer, tokenizer, outcome, data, launch, run), launch)
+    summary = distributed.on_main(lambda: _save_results(prepared, ctx, trainer, outcome), launch)
     print(describe_summary(summary, run))
     return summary if launch.is_main else None
 
 
-def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
-    """Everything that can fail on bad input, before the run directory exists: plan, estimate, data, tokenizer.
-    Returns the recipe with its `auto` settings settled, which is what the run trains with and saves. A dry run
-    goes as far, short of loading weights, and returns None after saying what it could not check here."""
+def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -> PreparedRun | None:
+    """Everything that can fail on bad input, before the run directory exists: plan, estimate, data, tokenizer,
+    and the resolved recipe the run trains with and saves. A dry run goes as far, short of loading weights, and
+    returns None after saying what it could not check here."""
     model_lib.resolve_model_path(recipe.model)  # a missing local model is named before anything else
     if recipe.model.adapter is not None:  # its LoRA settings are the run's: before the checks and the plan use them
         recipe = continued_adapter.adopt(recipe, model_lib.load_config(recipe.model))
-    recipe = preference_trainer.settle_levers(recipe)
+    if options.gpu_memory is not None:
+        recipe = recipe.replaced("train", gpu_memory_gib=options.gpu_memory)
     shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
     model_checks.check_lora_targets(recipe.lora.target_modules, shape)
     model_checks.check_seq_len(recipe.train.seq_len, shape)
     # A dry run in one process plans for the launch the recipe is written for (distributed.*), as `estimate` does;
     # a run plans for the processes it has.
     planned = None if options.dry_run and not launch.distributed else launch
-    recipe, chosen = _settle_auto(recipe, options, planned, device, shape)
-    check_launch(recipe, launch)
+    chosen = _plan(recipe, options, planned, device, shape)
+    check_launch(recipe, chosen.micro_batch_size, launch)
     print(describe_plan(recipe, options.recipe_name, options.output_dir, device, launch, chosen), flush=True)
-    predicted = estimate(shape, settings_from_recipe(recipe, planned))
-    print(_memory_report(recipe, predicted, chosen, device, options.recipe_name), flush=True)
+    print(_memory_report(recipe, chosen, device, options.recipe_name), flush=True)
     check_data_path(recipe.data)
     trackers.check_trackers(recipe.train.report_to)
-    unchecked = _check_machine(recipe, options, device, predicted, shape, chosen)
+    unchecked = _check_machine(recipe, options, device, chosen, shape)
 
     if options.dry_run and not dry_run.readable_here(recipe, unchecked):
         print(dry_run.report(None, unchecked))
@@ -179,30 +166,30 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str):
     tokenizer = model_lib.load_tokenizer(recipe.model)
     model_checks.check_vocabulary(tokenizer, shape)
     data = fit_to_tokenizer(data, recipe.data, tokenizer, recipe.train.seq_len, recipe.model.name_or_path)
-    recipe, notes = auto_settings.settle_packing(recipe, data.stats["train_mean_tokens"], device == "cuda",
-                                                 chosen.attn_implementation)
+    resolved, notes = auto_settings.resolve(recipe, chosen, data.recipe_format, data.stats["train_mean_tokens"])
     data.notes += notes
     print(describe_data(data), flush=True)
     if options.dry_run:
         print(dry_run.report(data, unchecked))
         return None
-    predicted = estimate(shape, settings_from_recipe(recipe, launch))
-    return recipe, shape, predicted, chosen, data, tokenizer
+    predicted = estimate(shape, settings_from_recipe(resolved, launch))
+    return PreparedRun(resolved, shape, chosen, predicted, data, tokenizer)
 
 
-def _check_machine(recipe: Recipe, options: RunOptions, device: str, predicted, shape, chosen) -> list[str]:
+def _check_machine(recipe: Recipe, options: RunOptions, device: str, chosen: auto_settings.Plan,
+                   shape: ModelShape) -> list[str]:
     """The checks that depend on this machine: the device, the CUDA-only levers and whether the run fits. A dry run
     on a machine without a GPU plans for one elsewhere: what would stop the run here is said, not raised."""
     unchecked = []
     try:
         check_device(recipe, device, options.force)
-        speed_levers.check_levers(recipe.train, device)
+        speed_levers.check_levers(recipe.train, device)  # explicit values: an `auto` never needs CUDA
     except UserError as err:
         if not options.dry_run:
             raise
         unchecked.append(f"this machine: the run would stop here (exit {err.exit_code}): {err}")
     if device == "cuda":
-        check_fits(predicted, shape, chosen.budget.gib, chosen.budget.source, options.force)
+        check_fits(chosen.estimate, shape, chosen.budget.gib, chosen.budget.source, options.force)
         if recipe.train.gpu_memory_gib is not None and not options.dry_run:
             gpu_budget.apply_cap(recipe.train.gpu_memory_gib)
     elif recipe.train.device == "cuda":
@@ -212,51 +199,52 @@ def _check_machine(recipe: Recipe, options: RunOptions, device: str, predicted, 
     return unchecked
 
 
-def _memory_report(recipe: Recipe, predicted, chosen: auto_settings.Plan, device: str, recipe_name: str) -> str:
+def _memory_report(recipe: Recipe, chosen: auto_settings.Plan, device: str, recipe_name: str) -> str:
     """The estimate's table; training on the CPU with no GPU to plan for, one line: a table of GPU terms, CUDA
     context and all, would describe a run that is not happening."""
     if device == "cpu" and recipe.train.device != "cuda" and chosen.budget.gib is None:
-        return (f"Memory: training on the CPU; on a GPU this recipe would need {predicted.total / GIB:.1f} GiB "
+        return (f"Memory: training on the CPU; on a GPU this recipe would need {chosen.predicted_gib:.1f} GiB "
                 f"(python -m qlora_trainer estimate --recipe {recipe_name} shows the terms)")
-    return format_estimate(predicted, chosen.budget.gib)
+    return format_estimate(chosen.estimate, chosen.budget.gib)
 
 
-def _settle_auto(recipe: Recipe, options: RunOptions, launch: Launch | None, device: str, shape):
+def _plan(recipe: Recipe, options: RunOptions, launch: Launch | None, device: str,
+          shape: ModelShape) -> auto_settings.Plan:
     """Plan the `auto` settings for this GPU: under the cap (--gpu-memory, else train.gpu_memory_gib) or the free
     memory. A dry run on a machine without a GPU plans for the GPU the recipe is written for."""
-    if options.gpu_memory is not None:
-        recipe = auto_settings.settle(recipe, gpu_memory_gib=options.gpu_memory)
     cap = recipe.train.gpu_memory_gib
     source = f"--gpu-memory {cap:g}" if options.gpu_memory is not None else f"train.gpu_memory_gib {cap:g}" if cap else ""
     on_gpu = device == "cuda" or (options.dry_run and (cap is not None or recipe.train.device == "cuda"))
     budget = gpu_budget.run_budget(cap, source, device) if on_gpu else auto_settings.Budget(
         None, "training on the CPU: no GPU memory to plan for, so the safe defaults")
-    chosen = auto_settings.plan(recipe, shape, budget, on_gpu, launch)
-    return auto_settings.apply_plan(recipe, chosen), chosen
+    return auto_settings.plan(recipe, shape, budget, on_gpu, launch)
 
 
-def _build(recipe, launch, tokenizer, data, run, device, callbacks):
+def _build(prepared: PreparedRun, ctx: RunContext, callbacks: tuple):
     """Load the 4-bit base and build the trainer, in every process together."""
-    with distributed.together(launch):
+    recipe = prepared.recipe
+    with distributed.together(ctx.launch):
         try:
-            base = model_lib.load_base_model(recipe.model, recipe.quantization, device, launch)
-            return build_trainer(recipe, base, tokenizer, data, run, device, launch, callbacks=callbacks)
+            base = model_lib.load_base_model(recipe.model, recipe.quantization, ctx.device, ctx.launch)
+            return build_trainer(recipe, base, prepared.tokenizer, prepared.data, ctx.run, ctx.device, ctx.launch,
+                                 callbacks=callbacks)
         except ImportError as err:
             raise UserError(f"{first_line(err)}; install the missing package or change model.attn_implementation") from None
 
 
-def _save_results(recipe, options, trainer, tokenizer, outcome: Outcome, data, launch, run) -> dict:
+def _save_results(prepared: PreparedRun, ctx: RunContext, trainer, outcome: Outcome) -> dict:
     """Main process: the tokenizer beside the adapter, the loss plot and summary.json (last: its presence marks
     the run complete)."""
+    recipe, run, name = prepared.recipe, ctx.run, ctx.options.recipe_name
     try:
-        tokenizer.save_pretrained(run / "adapter")
+        prepared.tokenizer.save_pretrained(run / "adapter")
         base_fingerprint.save_with_adapter(recipe.model, run, run / "adapter")
         apply_umask(run / "adapter")
         rows = read_metrics(run / "metrics.jsonl")
-        plot_loss(rows, run / "loss.png", f"{options.recipe_name}: {recipe.model.name_or_path}")
-        summary = summarise(recipe, options, trainer, outcome, rows, data, launch)
+        plot_loss(rows, run / "loss.png", f"{name}: {recipe.model.name_or_path}")
+        summary = summarise(prepared, ctx, trainer, outcome, rows)
         # PEFT's own card is an empty template naming the base by this machine's path.
-        write_text_atomic(run / "adapter" / "README.md", adapter_card(recipe, options.recipe_name, summary))
+        write_text_atomic(run / "adapter" / "README.md", adapter_card(recipe, name, summary))
         write_json_atomic(run / SUMMARY, summary)
     except OSError as err:
         raise _saving_failed(run, err) from None
@@ -268,13 +256,13 @@ def _saving_failed(run: Path, err: OSError) -> TrainingFailed:
                           f"checkpoints in {run / CHECKPOINTS} are intact; free space, then: {_resume_command(run)}")
 
 
-def check_launch(recipe: Recipe, launch: Launch) -> None:
-    """What a multi-process launch needs from the recipe."""
-    t = recipe.train
-    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * launch.world_size):
+def check_launch(recipe: Recipe, micro_batch_size: int, launch: Launch) -> None:
+    """What a multi-process launch needs from the recipe, at the planned micro-batch."""
+    t, micro = recipe.train, micro_batch_size
+    if t.global_batch_size is not None and t.global_batch_size % (micro * launch.world_size):
         raise UserError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
-                        f"x processes ({t.micro_batch_size} x {launch.world_size}); set it to a multiple of "
-                        f"{t.micro_batch_size * launch.world_size}")
+                        f"x processes ({micro} x {launch.world_size}); set it to a multiple of "
+                        f"{micro * launch.world_size}")
     if launch.strategy == "fsdp" and t.optimizer != "adamw_torch":
         raise UserError(f"train.optimizer {t.optimizer}: under FSDP a resumed run cannot restore a bitsandbytes "
                         "optimizer's state (FSDP cannot reshard its nested state); use --set train.optimizer=adamw_torch "
@@ -295,7 +283,7 @@ def _resume_command(run: Path) -> str:
 FIXED_ON_RESUME = ("model", "quantization", "lora", "data", "dpo", "orpo", "kto")
 
 
-def _check_same_run(recipe: Recipe, saved_path: Path) -> None:
+def _check_same_run(recipe: ResolvedRecipe, saved_path: Path) -> None:
     if not saved_path.is_file():
         return
     saved = read_saved_recipe(saved_path)
@@ -312,15 +300,17 @@ def _check_same_run(recipe: Recipe, saved_path: Path) -> None:
                                 f"resume with the run's own recipe: --recipe {saved_path}")
 
 
-def _run_guarded(trainer, guards, checkpoint: Path | None, run: Path, predicted, shape):
+def _run_guarded(trainer, guards: tuple[StopOnSignal, StopOnNonFinite], ctx: RunContext, prepared: PreparedRun):
     """trainer.train(), with every way it can stop early turned into one line that says what was kept."""
     stop_signal, stop_nonfinite = guards
+    run, predicted, checkpoint = ctx.run, prepared.predicted, ctx.checkpoint
     resume = _resume_command(run)
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.cuda.OutOfMemoryError:
         peak = torch.cuda.max_memory_reserved() / GIB
-        fixes = fixes_that_fit(shape, predicted.settings, 0.9 * peak) or ["a smaller train.seq_len or micro_batch_size"]
+        fixes = (fixes_that_fit(prepared.shape, predicted.settings, 0.9 * peak)
+                 or ["a smaller train.seq_len or micro_batch_size"])
         raise TrainingFailed(f"CUDA out of memory at step {trainer.state.global_step}: peak {peak:.1f} GiB reserved, "
                              f"estimate was {predicted.total / GIB:.1f} GiB; try {', or '.join(fixes)}; "
                              f"checkpoints so far are in {run / CHECKPOINTS}") from None
@@ -361,16 +351,18 @@ def _write_failure(err: OSError, run: Path, resume: str) -> TrainingFailed | Non
                           f"intact; free space or fix permissions, then: {resume}")
 
 
-def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chosen: auto_settings.Plan,
-                  hold: contextlib.ExitStack) -> tuple[Path, list[Path], Path | None, dict[str, str]]:
-    """Create the run directory with the resolved recipe and the estimate, returning the directories made for it;
-    or, resuming, find the checkpoint and return the files to rewrite once it has loaded (resume.py)."""
-    run = options.output_dir
+def _open_run_dir(prepared: PreparedRun, options: RunOptions, hold: contextlib.ExitStack) -> RunContext:
+    """Create the run directory with the resolved recipe and the estimate, noting the directories made for it;
+    or, resuming, find the checkpoint and the files to rewrite once it has loaded (resume.py). The launch and
+    device are the caller's to fill in."""
+    recipe, chosen, run = prepared.recipe, prepared.plan, options.output_dir
     made = prepare_run_dir(run, options.resume, hold)
     header = f"# python -m qlora_trainer --recipe {run / 'recipe.yaml'}\n"
     if chosen.chosen:  # the saved values are concrete, so that a resume trains exactly as the run started
         header += f"# auto settings ({', '.join(chosen.chosen)}) were settled to: {chosen.describe()}\n"
+    estimate_json = auto_settings.estimate_json(prepared.predicted, chosen)
     files = {"recipe.yaml": header + dump_recipe(recipe), "estimate.json": json.dumps(estimate_json, indent=2) + "\n"}
+    ctx = RunContext(options, Launch(), "", run, made)
     if not options.resume:
         try:
             base_fingerprint.record(recipe.model, run)  # where the weights are on this machine already; else at the end
@@ -379,7 +371,7 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chos
         except BaseException:
             undo(run, made)  # a run that never began leaves nothing
             raise
-        return run, made, None, {}
+        return ctx
     _check_same_run(recipe, run / "recipe.yaml")
     base_fingerprint.check(run, recipe.model, "--resume: the run")
     checkpoint = usable_checkpoint(run)
@@ -387,7 +379,7 @@ def _open_run_dir(recipe: Recipe, options: RunOptions, estimate_json: dict, chos
         print(f"--resume: no complete checkpoint in {run / CHECKPOINTS}; starting from step 0")
     # The steps after the checkpoint will be logged again: drop their first rows.
     files["metrics.jsonl"] = resumed_metrics(run, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
-    return run, made, checkpoint, files
+    return dataclasses.replace(ctx, checkpoint=checkpoint, deferred=files)
 
 
 def _evaluated_at(trainer, step: int) -> bool:

@@ -1,11 +1,11 @@
-"""Recipe -> SFTConfig (or a preference method's config, preference_trainer.py), and the TRL trainer that trains
+"""ResolvedRecipe -> SFTConfig (or a preference method's config, preference_trainer.py), and the TRL trainer that trains
 a 4-bit base with it: the one place where recipe keys become TRL and transformers arguments."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_trainer.config.recipe import Recipe
+from qlora_trainer.config.resolved_recipe import ResolvedRecipe
 from qlora_trainer.console import datasets_quiet
 from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import UserError
@@ -26,7 +26,7 @@ def optimizer_for(name: str, device: str) -> str:
     return CPU_OPTIMIZERS.get(name, name) if device == "cpu" else name
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str, launch: Launch = Launch(),
+def build_trainer(recipe: ResolvedRecipe, model, tokenizer, data, run: Path, device: str, launch: Launch = Launch(),
                   callbacks: tuple = ()):
     from transformers.trainer_callback import ProgressCallback
 
@@ -65,7 +65,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, data, run: Path, device: str
     return trainer
 
 
-def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: Launch = Launch()):
+def sft_config(recipe: ResolvedRecipe, run: Path, device: str, has_eval: bool, launch: Launch = Launch()):
     from trl import SFTConfig
 
     t, d = recipe.train, recipe.data
@@ -89,7 +89,7 @@ def sft_config(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: L
     )
 
 
-def training_arguments(recipe: Recipe, run: Path, device: str, has_eval: bool, launch: Launch = Launch()) -> dict:
+def training_arguments(recipe: ResolvedRecipe, run: Path, device: str, has_eval: bool, launch: Launch = Launch()) -> dict:
     """The transformers TrainingArguments every method's TRL config takes, from the recipe."""
     t = recipe.train
     eval_steps = t.eval_steps or t.logging_steps * 10
