@@ -93,3 +93,23 @@ def fail_at_step(monkeypatch, step: int, error: Exception) -> None:
     original = train_module.build_trainer
     monkeypatch.setattr(train_module, "build_trainer", lambda *a, callbacks=(), **k: original(
         *a, callbacks=(*callbacks, RaiseAtStep()), **k))
+
+
+def hub_cache_model(cache: Path, repo_id: str, revisions: dict[str, dict[str, bytes]]) -> dict[str, Path]:
+    """Lay out a model in huggingface_hub's cache format under `cache` (what HF_HUB_CACHE points at): one snapshot
+    per revision name, with `refs/NAME` naming its commit, as a download leaves them. Returns each snapshot's
+    directory. Tests point the hub at `cache` offline, so a revision is found only through its ref."""
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshots = {}
+    for name, files in revisions.items():
+        commit = hashlib.sha1(name.encode()).hexdigest()
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / name).write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for file, content in files.items():
+            (snapshot / file).write_bytes(content)
+        snapshots[name] = snapshot
+    return snapshots

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from qlora_trainer.estimate import fit_rule, method_memory
 from qlora_trainer.estimate.activation_memory import DTYPE_BYTES, activation_peak
+from qlora_trainer.loading.lora_targets import is_targeted
 
 GIB = 2**30
 
@@ -239,10 +240,8 @@ def allocator_overhead_bytes(shape: ModelShape, s: Settings, grads: int) -> int:
 
 
 def lora_targets(shape: ModelShape, targets: str | list[str]) -> list[Linear]:
-    """The layers PEFT wraps: `all-linear` is every linear layer but the output layer; a list matches name suffixes."""
-    if targets == "all-linear":
-        return [l for l in shape.linears if not l.name.endswith("lm_head")]
-    return [l for l in shape.linears if any(l.name == t or l.name.endswith("." + t) for t in targets)]
+    """The layers PEFT wraps."""
+    return [l for l in shape.linears if is_targeted(l.name, targets)]
 
 
 # ---------------------------------------------------------------- the terms
