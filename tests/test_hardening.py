@@ -543,7 +543,7 @@ def test_property_targets_are_linear_layers_or_refused_with_the_list(tiny_model_
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from qlora_trainer.estimate.memory_report import shape_for_model
+    from qlora_trainer.estimate.shape_lookup import shape_for_model
     from qlora_trainer.loading.model_checks import check_lora_targets
 
     shape = shape_for_model(str(tiny_model_dir))

@@ -17,7 +17,7 @@ from qlora_trainer.dataset.data import load_data
 from qlora_trainer.dataset.sequence_fit import fit_to_tokenizer
 from qlora_trainer.estimate import auto_settings, fit_rule
 from qlora_trainer.estimate.memory import GIB, Settings, estimate
-from qlora_trainer.estimate.memory_report import shape_for_model
+from qlora_trainer.estimate.shape_lookup import shape_for_model
 from qlora_trainer.loading.model import load_base_model, load_tokenizer
 from qlora_trainer.training.trainer_setup import build_trainer
 

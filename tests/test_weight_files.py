@@ -11,17 +11,6 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.loading.weight_files import base_safetensors, has_weight_files
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def test_a_directory_lists_its_safetensors_sorted(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     for name in ("model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors", "notes.bin.txt"):
