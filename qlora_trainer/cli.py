@@ -277,29 +277,29 @@ def _estimate(args) -> int:
     import json
 
     from qlora_trainer.config.recipe_files import load_recipe
-    from qlora_trainer.estimate import auto_settings, fit_rule
-    from qlora_trainer.estimate import memory_report as report
+    from qlora_trainer.estimate import auto_settings, estimate_output, fit_rule, fit_search
     from qlora_trainer.estimate.memory import GIB, Settings, estimate
+    from qlora_trainer.estimate.shape_lookup import shape_for_model, shape_for_size
     from qlora_trainer.loading.model_checks import check_lora_targets, check_seq_len
 
     if args.overrides and not args.recipe:
         raise UserError("--set needs --recipe; with --model use --rank, --seq-len, --batch-size, --optimizer")
     if args.table:
         print("Trainable share of all parameters, LoRA on all linear layers (exact per architecture)")
-        print(report.rank_table())
+        print(estimate_output.rank_table())
         return EXIT_OK
     global_batch, chosen = 16, None
     gpu_memory = _gib_flag(args.gpu_memory)
     if args.recipe:
         recipe, _ = load_recipe(args.recipe, args.overrides)
-        shape = report.shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
+        shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code, recipe.model.revision)
         check_lora_targets(recipe.lora.target_modules, shape)
         check_seq_len(recipe.train.seq_len, shape)
         chosen = _planned(recipe, shape, gpu_memory)
         settings = chosen.estimate.settings
         global_batch = recipe.train.global_batch()
     else:
-        shape = report.shape_for_model(args.model) if args.model else report.shape_for_size(args.model_size)
+        shape = shape_for_model(args.model) if args.model else shape_for_size(args.model_size)
         settings = Settings(attn_implementation=shape.default_attention)  # as a recipe's `auto` would run it
     changes = {"rank": args.rank, "seq_len": args.seq_len, "batch_size": args.batch_size, "optimizer": args.optimizer,
                "num_gpus": args.gpus, "strategy": args.strategy}
@@ -319,17 +319,17 @@ def _estimate(args) -> int:
     if chosen is not None and not changed:
         result = auto_settings.estimate_json(est, chosen)
     else:  # flags overrode what the plan chose: the estimate is for the flags
-        result, chosen = est.to_json(gpu_memory), None
+        result, chosen = estimate_output.estimate_json(est, gpu_memory), None
     if args.fit:
-        result["fit"] = report.fit(shape, settings, gpu_memory, global_batch)
+        result["fit"] = fit_search.fit(shape, settings, gpu_memory, global_batch)
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
-    print(report.format_estimate(est, gpu_memory))
+    print(estimate_output.format_estimate(est, gpu_memory))
     if chosen is not None and chosen.chosen:
         print(f"  auto: {chosen.describe()}")
     if gpu_memory is not None and not fit_rule.fits(est.total / GIB, gpu_memory):
-        fixes = report.fixes_that_fit(shape, settings, fit_rule.usable_gib(gpu_memory))
+        fixes = fit_search.fixes_that_fit(shape, settings, fit_rule.usable_gib(gpu_memory))
         print("  to fit, try: " + (", or ".join(fixes) if fixes else "a smaller model or a larger GPU")
               + ("" if args.fit else " (or --fit for the longest seq_len and largest micro-batch that fit)"))
     if args.fit:
@@ -343,8 +343,9 @@ def _estimate(args) -> int:
 def _planned(recipe, shape, gpu_memory: float | None):
     """The plan for the `auto` settings on a GPU of `gpu_memory` GiB (the defaults without one); its estimate
     assumes unpacked rows, the worst case, since no row is read."""
-    from qlora_trainer.estimate.auto_settings import Budget, plan
+    from qlora_trainer.estimate.auto_settings import plan
     from qlora_trainer.estimate.gpu_budget import host_ram_gib
+    from qlora_trainer.estimate.types import Budget
 
     budget = Budget(gpu_memory, f"--gpu-memory {gpu_memory:g}", host_ram_gib()) if gpu_memory is not None else Budget(
         None, "no --gpu-memory given: the defaults; pass --gpu-memory GIB to choose")
@@ -429,12 +430,12 @@ def _generate(args) -> int:
 def _recipes(args) -> int:
     from qlora_trainer.config.recipe_files import launch_command, load_recipe, shipped_recipe_names, shipped_recipes_dir
     from qlora_trainer.estimate.memory import GIB
-    from qlora_trainer.estimate.memory_report import shape_for_model
+    from qlora_trainer.estimate.shape_lookup import shape_for_model
 
     rows, launches = [], []
     for name in shipped_recipe_names():
         recipe, _ = load_recipe(name)
-        shape = shape_for_model(recipe.model.name_or_path)
+        shape = shape_for_model(recipe.model.name_or_path, revision=recipe.model.revision)
         est = _planned(recipe, shape, None).estimate
         d = recipe.distributed
         gpus = "1" if d.strategy == "single" else f"{d.num_gpus} {d.strategy}{'+offload' if d.cpu_offload else ''}"

@@ -34,6 +34,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty huggingface_hub cache that the hub libraries read offline: fill it with helpers.hub_cache_model."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.fixture
 def write_recipe(tmp_path):
     """Write a recipe YAML into the test's directory and return its path."""
 

@@ -34,7 +34,7 @@ def resolved_on_cpu(recipe, data=None):
     """`recipe` resolved as a CPU run resolves it (planned without a GPU budget; packing and the data format from
     `data`, the rows as loaded, when given): what build_trainer and the stages after planning take."""
     from qlora_trainer.estimate import auto_settings
-    from qlora_trainer.estimate.memory_report import shape_for_model
+    from qlora_trainer.estimate.shape_lookup import shape_for_model
 
     shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
     chosen = auto_settings.plan(recipe, shape, auto_settings.Budget(None, "test: the CPU"), on_gpu=False)
@@ -106,3 +106,23 @@ def fail_at_step(monkeypatch, step: int, error: Exception) -> None:
     original = train_module.build_trainer
     monkeypatch.setattr(train_module, "build_trainer", lambda *a, callbacks=(), **k: original(
         *a, callbacks=(*callbacks, RaiseAtStep()), **k))
+
+
+def hub_cache_model(cache: Path, repo_id: str, revisions: dict[str, dict[str, bytes]]) -> dict[str, Path]:
+    """Lay out a model in huggingface_hub's cache format under `cache` (what HF_HUB_CACHE points at): one snapshot
+    per revision name, with `refs/NAME` naming its commit, as a download leaves them. Returns each snapshot's
+    directory. Tests point the hub at `cache` offline, so a revision is found only through its ref."""
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshots = {}
+    for name, files in revisions.items():
+        commit = hashlib.sha1(name.encode()).hexdigest()
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / name).write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for file, content in files.items():
+            (snapshot / file).write_bytes(content)
+        snapshots[name] = snapshot
+    return snapshots

@@ -19,7 +19,8 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.estimate import auto_settings, fit_rule
 from qlora_trainer.estimate.auto_settings import Budget, plan, relative_time_per_token, resolve
 from qlora_trainer.estimate.memory import GIB, estimate
-from qlora_trainer.estimate.memory_report import settings_from_recipe, shape_for_model
+from qlora_trainer.estimate.recipe_settings import settings_from_recipe
+from qlora_trainer.estimate.shape_lookup import shape_for_model
 
 BUDGETS = (8, 12, 24, 80)
 
@@ -386,7 +387,8 @@ def test_fit_the_fit_line_the_planner_and_the_stop_apply_one_rule(capsys):
     """What `estimate --fit` proposes, applied, fits in the fit line, the plan and the check before loading; and
     a run within the budget but inside its safety margin fits in none of them."""
     from qlora_trainer.errors import WontFitError
-    from qlora_trainer.estimate.memory_report import check_fits, format_estimate
+    from qlora_trainer.estimate.estimate_output import estimate_json, format_estimate
+    from qlora_trainer.estimate.fit_search import check_fits
 
     assert cli.main(["estimate", "--recipe", "gemma2-9b-r16", "--gpu-memory", "8", "--fit", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)["fit"]
@@ -401,7 +403,7 @@ def test_fit_the_fit_line_the_planner_and_the_stop_apply_one_rule(capsys):
 
     # Inside the margin: 97% of the budget is under the budget but over what the rule allows.
     budget = est.total / GIB / 0.97
-    assert est.to_json(budget)["fits"] is False
+    assert estimate_json(est, budget)["fits"] is False
     assert "does NOT fit" in format_estimate(est, budget)
     with pytest.raises(WontFitError):
         check_fits(est, shape, budget, "test", force=False)

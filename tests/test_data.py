@@ -186,8 +186,9 @@ def test_file_types(tmp_path, suffix, tiny_model_dir):
 def test_detected_format_is_recorded_and_an_explicit_one_is_checked(tiny_model_dir, tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", [{"text": "a"}])
     recipe = make_recipe(tiny_model_dir, path)
-    load_data(recipe.data, 0)
-    assert recipe.data.format == "text"
+    data = load_data(recipe.data, 0)
+    assert data.recipe_format == "text" and recipe.data.format == "auto", "found, and the recipe left as written"
+    assert resolved_on_cpu(recipe, data).data.format == "text", "the resolved recipe (recipe.yaml) records it"
     with pytest.raises(UserError, match="data.format is alpaca but the rows have no instruction, output field"):
         load_data(make_recipe(tiny_model_dir, path, format="alpaca").data, 0)
 

@@ -540,11 +540,16 @@ def test_property_any_duplicated_key_is_refused(mapping, data):
 @given(st.lists(st.one_of(st.sampled_from(TINY_LINEARS.split(", ") + ["self_attn.q_proj", "mlp", "layers", "0"]),
                           st.text(max_size=10)), max_size=4))
 def test_property_targets_are_linear_layers_or_refused_with_the_list(tiny_model_dir, targets):
-    from qlora_trainer.estimate.memory_report import shape_for_model
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from qlora_trainer.estimate.shape_lookup import shape_for_model
     from qlora_trainer.loading.model_checks import check_lora_targets
 
     shape = shape_for_model(str(tiny_model_dir))
-    valid = bool(targets) and all(any(l.name == t or l.name.endswith("." + t) for l in shape.linears) for t in targets)
+    # PEFT's own matcher is the oracle: a target is valid when PEFT would wrap some linear layer for it.
+    valid = bool(targets) and all(any(check_target_module_exists(LoraConfig(target_modules=[t]), l.name)
+                                      for l in shape.linears) for t in targets)
     try:
         check_lora_targets(targets, shape)
     except UserError as err:

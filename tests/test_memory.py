@@ -260,7 +260,7 @@ def test_vram_grid_covers_the_issue():
 
 def test_a_run_that_would_not_fit_stops_with_the_changes_that_fit():
     from qlora_trainer.errors import WontFitError
-    from qlora_trainer.estimate.memory_report import check_fits
+    from qlora_trainer.estimate.fit_search import check_fits
 
     shape = model_shape(load_architecture("llama-3.1-8b"), "llama-3.1-8b")
     settings = Settings(rank=64, seq_len=4096, batch_size=4, gradient_checkpointing=False)

@@ -9,8 +9,9 @@ from functools import cache
 import pytest
 from helpers import REPO
 
+from qlora_trainer.estimate.estimate_output import estimate_json
 from qlora_trainer.estimate.memory import CUDA_CONTEXT_BYTES, GIB, Settings, estimate
-from qlora_trainer.estimate.memory_report import shape_for_model
+from qlora_trainer.estimate.shape_lookup import shape_for_model
 
 MEASURED = REPO / "benchmarks" / "vram"
 FILES = ("h100-2026-11-22.jsonl", "h100-levers-2026-11-22.jsonl")
@@ -50,7 +51,7 @@ def test_estimate_is_within_the_target_of_nvidia_smi(row):
 def test_allocator_share_is_within_the_target_of_torch_reserved(row):
     """What a memory cap (set_per_process_memory_fraction) limits: the allocator's part of the estimate."""
     est = estimate(shape(row["arch"]), settings(row))
-    allocator = est.to_json()["allocator_gib"]
+    allocator = estimate_json(est)["allocator_gib"]
     assert allocator == pytest.approx((est.total - CUDA_CONTEXT_BYTES) / GIB, abs=0.001)
     error = 100 * (allocator - row["torch_peak_reserved_gib"]) / row["nvidia_smi_gib"]
     assert UNDER <= error <= OVER, f"{allocator:.3f} GiB vs {row['torch_peak_reserved_gib']} reserved"

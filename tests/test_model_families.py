@@ -188,7 +188,7 @@ def test_a_refused_attention_choice_is_one_line_naming_the_key(family_dirs, tmp_
 def test_auto_attention_drives_the_estimate_and_packing():
     from qlora_trainer.config.recipe_files import load_recipe
     from qlora_trainer.estimate.auto_settings import Budget, plan, resolve
-    from qlora_trainer.estimate.memory_report import settings_from_recipe
+    from qlora_trainer.estimate.recipe_settings import settings_from_recipe
 
     recipe, _ = load_recipe("gemma2-9b-r16")
     assert recipe.model.attn_implementation == "auto"

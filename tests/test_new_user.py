@@ -80,7 +80,7 @@ def test_plan_estimate_and_peft_count_the_same_parameters(tiny_model_dir):
 
     from qlora_trainer.config.recipe import LoraSection, ModelSection, QuantizationSection
     from qlora_trainer.estimate.memory import Settings, estimate
-    from qlora_trainer.estimate.memory_report import shape_for_model
+    from qlora_trainer.estimate.shape_lookup import shape_for_model
     from qlora_trainer.loading.model import load_base_model, lora_config, parameter_report
 
     lora = LoraSection(r=4, alpha=8)
@@ -163,7 +163,7 @@ def test_estimate_and_recipes_import_no_training_library(tmp_path):
 
 def test_a_cached_shape_is_the_shape(tmp_path, monkeypatch):
     from qlora_trainer.estimate.memory import model_shape
-    from qlora_trainer.estimate.memory_report import shape_for_model
+    from qlora_trainer.estimate.shape_lookup import shape_for_model
     from qlora_trainer.loading.architectures import load_architecture
 
     monkeypatch.setenv("QLORA_TRAINER_CACHE", str(tmp_path))

@@ -70,7 +70,8 @@ def test_auto_detects_pairs_and_labelled_rows(tmp_path):
     assert load_data(recipe_for(turns, "orpo").data, 0, "orpo").train.to_list() == [TURNS_PAIR]
     labelled = write_jsonl(tmp_path / "k.jsonl", [LABELLED, dict(LABELLED, label=False)])
     section = recipe_for(labelled, "kto").data
-    assert load_data(section, 0, "kto").format == "kto" and section.format == "kto", "the saved recipe records it"
+    data = load_data(section, 0, "kto")
+    assert data.format == data.recipe_format == "kto", "the resolved recipe records it"
     # KTO trains on pairs too: each pair becomes a desirable and an undesirable row.
     rows = unpaired(load_data(recipe_for(pairs, "kto").data, 0, "kto").train).to_list()
     assert rows[:2] == [{"prompt": PAIR["prompt"], "completion": " complaint", "label": True},

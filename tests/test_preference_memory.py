@@ -17,7 +17,7 @@ from qlora_trainer.dataset.data import load_data
 from qlora_trainer.dataset.sequence_fit import fit_to_tokenizer
 from qlora_trainer.estimate import auto_settings, fit_rule
 from qlora_trainer.estimate.memory import GIB, Settings, estimate
-from qlora_trainer.estimate.memory_report import shape_for_model
+from qlora_trainer.estimate.shape_lookup import shape_for_model
 from qlora_trainer.loading.model import load_base_model, load_tokenizer
 from qlora_trainer.training.trainer_setup import build_trainer
 
@@ -70,7 +70,7 @@ def test_the_planner_fits_each_method_into_the_budget(llama8b):
     for method, chosen in plans.items():
         assert chosen.fits and chosen.predicted_gib <= fit_rule.usable_gib(24.0), method
         settled, _ = auto_settings.resolve(recipe(method), chosen)
-        from qlora_trainer.estimate.memory_report import settings_from_recipe
+        from qlora_trainer.estimate.recipe_settings import settings_from_recipe
 
         assert estimate(llama8b, settings_from_recipe(settled)).total / GIB == pytest.approx(chosen.predicted_gib)
     # Two rows per pair: DPO fits at most half of SFT's micro-batch in the same card, ORPO no more than DPO.

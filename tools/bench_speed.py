@@ -289,7 +289,7 @@ def run(args) -> int:
 def bench(args) -> None:
     import torch
 
-    from qlora_trainer.estimate.memory_report import shape_for_model
+    from qlora_trainer.estimate.shape_lookup import shape_for_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         from qlora_trainer.errors import WontFitError

@@ -120,7 +120,8 @@ def measure(cfg: dict, device: str, steps: int, workdir: Path, overrides: dict) 
     from qlora_trainer.config.resolved_recipe import concrete
     from qlora_trainer.dataset.data import load_data
     from qlora_trainer.estimate.memory import estimate
-    from qlora_trainer.estimate.memory_report import settings_from_recipe, shape_for_model
+    from qlora_trainer.estimate.recipe_settings import settings_from_recipe
+    from qlora_trainer.estimate.shape_lookup import shape_for_model
     from qlora_trainer.loading import model as model_lib
     from qlora_trainer.training.trainer_setup import build_trainer
 

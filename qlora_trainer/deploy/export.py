@@ -36,6 +36,7 @@ from qlora_trainer.loading import base_fingerprint
 from qlora_trainer.loading import model as model_lib
 from qlora_trainer.loading.adapter_shapes import check_adapter_matches, lora_module
 from qlora_trainer.loading.model import DTYPES
+from qlora_trainer.loading.weight_files import base_safetensors
 
 
 @dataclass
@@ -116,7 +117,7 @@ def merge_streaming(source: AdapterSource, options: ExportOptions, config, targe
     the model's own, which transformers renames on load; `merge` handles those in memory."""
     from safetensors import safe_open
 
-    files = _base_weight_files(source)
+    files = base_safetensors(source.base, download=True, fix="pass a local copy with --base")
     check_safetensors(files, f"the weights of base '{source.base.name_or_path}': copy or download them again, or "
                              "pass another copy with --base")
     names = model_lib.meta_model(config)
@@ -196,19 +197,6 @@ def _shard_bytes(text: str) -> int:
         return convert_file_size_to_int(text)
     except ValueError:
         raise UserError(f"--max-shard-size {text}: expected a size such as 2GB or 500MB") from None
-
-
-def _base_weight_files(source: AdapterSource) -> list[Path]:
-    """The base's safetensors files: in its directory, or from the hub cache (downloading if needed)."""
-    path = Path(model_lib.resolve_model_path(source.base))
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(str(path), revision=source.base.revision, allow_patterns=["*.safetensors", "*.json"]))
-        except Exception as err:  # hub errors have many types; all mean the weights cannot be fetched
-            raise UserError(f"cannot fetch the weights of '{source.base.name_or_path}' ({err}); pass a local copy with --base") from None
-    return sorted(path.glob("*.safetensors"))
 
 
 def _write_configs(config, source: AdapterSource, target: Path, options: ExportOptions) -> None:

@@ -10,10 +10,8 @@ Sizes are bytes; `a` is the compute dtype's width.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from qlora_trainer.estimate.memory import Linear, ModelShape, Settings
+from qlora_trainer.estimate.types import Linear, ModelShape, Settings
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # TRL's fused LM head scores tokens in tiles of 4096 tokens x 32768 vocabulary entries (chunked_logprob.py).

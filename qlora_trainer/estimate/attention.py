@@ -7,13 +7,9 @@ against the class the same way transformers checks it when loading, so a refusal
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from qlora_trainer.config.recipe import AUTO
 from qlora_trainer.errors import UserError
-
-if TYPE_CHECKING:
-    from qlora_trainer.estimate.memory import ModelShape
+from qlora_trainer.estimate.types import ModelShape
 
 # The implementations model.attn_implementation offers, in the order a refusal lists the alternatives.
 IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")

@@ -19,10 +19,11 @@ from pathlib import Path
 from qlora_trainer.config.recipe import AUTO, Recipe
 from qlora_trainer.config.resolved_recipe import ResolvedRecipe, concrete
 from qlora_trainer.errors import UserError
-from qlora_trainer.estimate import attention, fit_rule
+from qlora_trainer.estimate import attention, estimate_output, fit_rule
 from qlora_trainer.estimate.memory import GIB, Estimate, ModelShape, estimate
-from qlora_trainer.estimate.memory_report import settings_from_recipe
 from qlora_trainer.estimate.method_memory import min_micro_batch
+from qlora_trainer.estimate.recipe_settings import settings_from_recipe
+from qlora_trainer.estimate.types import Budget
 
 # Relative time per token of a training step, measured on an H100 (llama-7b shape, r=8, seq_len 2048,
 # the H100 figures in docs/speed.md): 3,405 tokens/s at micro-batch 1 and 7,411 at 4 with checkpointing, 4,944 at
@@ -44,16 +45,6 @@ LIGER_REGISTRY = "MODEL_TYPE_TO_APPLY_LIGER_FN"
 # Offloaded activations live in pinned (page-locked) CPU memory, which the OS cannot swap: plan to pin at most
 # this share of the RAM that is available, so the machine stays usable and the data loader has room.
 PINNED_RAM_SHARE = 0.5
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The memory a run may use, as nvidia-smi counts it (the CUDA context included), and where it came from;
-    `host_gib` is the CPU RAM available for offloaded activations (None: not known, offloading is not limited)."""
-
-    gib: float | None
-    source: str
-    host_gib: float | None = None
 
 
 @dataclass
@@ -306,4 +297,4 @@ def _packing(recipe: Recipe, chosen: Plan, mean_tokens: float | None) -> tuple[d
 def estimate_json(est: Estimate, chosen: Plan) -> dict:
     """The estimate's contract JSON with the settled values at the top, as `estimate --json`, estimate.json and
     the plan all report them."""
-    return {**est.to_json(chosen.budget.gib), **chosen.levers(), "auto": chosen.to_json()}
+    return {**estimate_output.estimate_json(est, chosen.budget.gib), **chosen.levers(), "auto": chosen.to_json()}

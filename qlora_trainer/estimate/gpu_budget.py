@@ -11,8 +11,8 @@ from __future__ import annotations
 import psutil
 
 from qlora_trainer.errors import UserError
-from qlora_trainer.estimate.auto_settings import Budget
-from qlora_trainer.estimate.memory import CUDA_CONTEXT_BYTES, GIB
+from qlora_trainer.estimate.memory import CUDA_CONTEXT_BYTES
+from qlora_trainer.estimate.types import GIB, Budget
 
 
 def run_budget(cap_gib: float | None, cap_source: str, device: str) -> Budget:

@@ -8,12 +8,11 @@ each term's comment says where its formula comes from. Sizes are bytes; GiB = 2*
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 
-from qlora_trainer.estimate import fit_rule, method_memory
+from qlora_trainer.estimate import method_memory
 from qlora_trainer.estimate.activation_memory import DTYPE_BYTES, activation_peak
-
-GIB = 2**30
+from qlora_trainer.estimate.types import GIB, Estimate, Linear, ModelShape, Settings
+from qlora_trainer.loading.lora_targets import is_targeted
 
 # bitsandbytes 4-bit: values packed two per byte, one absmax per block of 64 (functional.quantize_4bit).
 NF4_BLOCK = 64
@@ -56,125 +55,6 @@ def unmeasured_notes(s: Settings) -> list[str]:
     if unmeasured:
         notes.append(f"not yet measured on a GPU: {', '.join(unmeasured)} (the terms follow the libraries' code)")
     return notes
-
-
-@dataclass
-class Linear:
-    name: str
-    in_features: int
-    out_features: int
-    has_bias: bool
-    quantized: bool
-
-    @property
-    def numel(self) -> int:
-        return self.in_features * self.out_features
-
-
-@dataclass
-class ModelShape:
-    """What the estimator needs to know about a model, read off its meta-device instance."""
-
-    name: str
-    model_type: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied_embeddings: bool
-    linears: list[Linear]
-    other_params: int  # embeddings, untied lm_head, norms: every parameter outside the linear layers
-    total_params: int
-    norms_per_layer: int = 2  # hidden-size norms in one decoder layer (Gemma-2 has four)
-    attn_softcapping: bool = False  # attention logits soft-capped with tanh (Gemma-2): eager saves the tanh too
-    model_class: str = ""  # the class AutoModelForCausalLM builds for the config
-    default_attention: str = "sdpa"  # what transformers picks when asked for nothing (`auto`)
-    supported_attention: tuple[str, ...] = ("sdpa", "eager")  # what the class accepts when asked explicitly
-    max_positions: int | None = None  # max_position_embeddings, where the config states it
-
-    @property
-    def quantized(self) -> list[Linear]:
-        return [layer for layer in self.linears if layer.quantized]
-
-
-@dataclass
-class Settings:
-    rank: int = 8
-    target_modules: str | list[str] = "all-linear"
-    lora_dropout: float = 0.05
-    use_dora: bool = False
-    lora_dtype: str = "bfloat16"
-    compute_dtype: str = "bfloat16"
-    double_quant: bool = True
-    seq_len: int = 2048
-    batch_size: int = 1
-    optimizer: str = "paged_adamw_8bit"
-    gradient_checkpointing: bool = True
-    attn_implementation: str = "sdpa"  # the implementation transformers will use (resolved, never "auto")
-    # Speed levers (issue 12), always resolved values here, never "auto":
-    activation_offloading: bool = False  # TRL's activation offloading: saved tensors go to pinned CPU memory
-    kernels: str = "none"  # "liger": liger-kernel's RMSNorm, RoPE and SwiGLU/GeGLU; "none": transformers' own
-    padding_free: bool = False  # a micro-batch's rows concatenated into one row (position_ids keep them apart)
-    packing: bool = False  # rows packed into full seq_len sequences (implies padding_free in TRL)
-    strategy: str = "single"  # single | ddp | fsdp: the estimate is per GPU
-    num_gpus: int = 1
-    cpu_offload: bool = False  # FSDP only: sharded parameters, gradients and optimizer state live in CPU RAM
-    method: str = "sft"  # train.method: dpo and orpo run pairs, dpo and kto a reference forward (method_memory.py)
-
-
-@dataclass
-class Estimate:
-    model: str
-    breakdown: dict[str, int]
-    trainable_params: int
-    total_params: int
-    settings: Settings
-    paged_bytes: int = 0
-    cpu_offload_bytes: int = 0  # FSDP CPU offload: held in each process's CPU RAM instead of the GPU
-    activation_offload_bytes: int = 0  # activation offloading: saved tensors held in pinned CPU RAM at the peak
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return sum(self.breakdown.values())
-
-    @property
-    def all_params(self) -> int:
-        """The base's parameters and the adapter's, as PEFT's "all params" counts them."""
-        return self.total_params + self.trainable_params
-
-    def to_json(self, gpu_memory_gib: float | None = None) -> dict:
-        result = {
-            "model": self.model,
-            "total_gib": round(self.total / GIB, 3),
-            "breakdown_gib": {k: round(v / GIB, 4) for k, v in self.breakdown.items()},
-            "breakdown_bytes": dict(self.breakdown),
-            "trainable_params": self.trainable_params,
-            "total_params": self.total_params,
-            "all_params": self.all_params,
-            "trainable_percent": round(100 * self.trainable_params / self.all_params, 4),
-            # What a memory cap (torch.cuda.set_per_process_memory_fraction) limits is the allocator's share:
-            # cap = budget - non_allocator_gib. Paged optimizer state and offloaded activations are in neither.
-            "allocator_gib": round((self.total - self.breakdown["cuda_context"]) / GIB, 3),
-            "non_allocator_gib": round(self.breakdown["cuda_context"] / GIB, 3),
-            "paged_optimizer_gib": round(self.paged_bytes / GIB, 4),
-            "activation_offload_cpu_gib": round(self.activation_offload_bytes / GIB, 4),
-            "per_gpu": True,
-            "gpus": self.settings.num_gpus,
-            "strategy": self.settings.strategy,
-            "cpu_offload_gib": round(self.cpu_offload_bytes / GIB, 4),
-            "calibrated": CALIBRATED,
-            "inputs": asdict(self.settings),
-            "notes": self.notes,
-        }
-        if gpu_memory_gib is not None:
-            result["gpu_memory_gib"] = gpu_memory_gib
-            result["fits"] = fit_rule.fits(self.total / GIB, gpu_memory_gib)
-            result["headroom_gib"] = round(fit_rule.headroom_gib(self.total / GIB, gpu_memory_gib), 3)
-        return result
 
 
 # ---------------------------------------------------------------- reading shapes
@@ -239,10 +119,8 @@ def allocator_overhead_bytes(shape: ModelShape, s: Settings, grads: int) -> int:
 
 
 def lora_targets(shape: ModelShape, targets: str | list[str]) -> list[Linear]:
-    """The layers PEFT wraps: `all-linear` is every linear layer but the output layer; a list matches name suffixes."""
-    if targets == "all-linear":
-        return [l for l in shape.linears if not l.name.endswith("lm_head")]
-    return [l for l in shape.linears if any(l.name == t or l.name.endswith("." + t) for t in targets)]
+    """The layers PEFT wraps."""
+    return [l for l in shape.linears if is_targeted(l.name, targets)]
 
 
 # ---------------------------------------------------------------- the terms

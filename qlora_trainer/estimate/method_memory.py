@@ -17,7 +17,6 @@ The reference adds no weights: the adapter is switched off (or to its frozen cop
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 from qlora_trainer.estimate.activation_memory import (
     CUBLAS_WORKSPACE_BYTES,
@@ -31,9 +30,7 @@ from qlora_trainer.estimate.activation_memory import (
     kept_bytes,
     tokens_per_micro_batch,
 )
-
-if TYPE_CHECKING:
-    from qlora_trainer.estimate.memory import Linear, ModelShape, Settings
+from qlora_trainer.estimate.types import Linear, ModelShape, Settings
 
 PAIRED = ("dpo", "orpo")  # chosen and rejected run together
 WITH_REFERENCE = ("dpo", "kto")

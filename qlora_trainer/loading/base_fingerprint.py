@@ -18,6 +18,7 @@ import torch
 from qlora_trainer.config.recipe import ModelSection
 from qlora_trainer.errors import UserError
 from qlora_trainer.files.damaged_files import check_safetensors, read_json_object
+from qlora_trainer.loading.weight_files import base_safetensors
 
 FILE = "base_fingerprint.json"
 ROWS, VALUES = 4, 16  # rows sampled per tensor, leading values hashed per row
@@ -32,7 +33,7 @@ def fingerprint(section: ModelSection, fix: str = DAMAGED_FIX) -> str | None:
     weights, a hub model not in the local cache). A damaged weights file is named, with `fix`."""
     from safetensors import safe_open
 
-    files = _weight_files(section)
+    files = base_safetensors(section)  # only what is here: fingerprinting must not download a model
     if not files:
         return None
     # A run fingerprints its base before loading it: a file cut short must be named here, as loading would name it.
@@ -59,21 +60,6 @@ def _sample(handle, key: str) -> torch.Tensor:
     if len(shape) == 1:
         return torch.cat([piece[i:i + 1] for i in rows])
     return torch.cat([piece[i:i + 1].reshape(-1)[:VALUES] for i in rows])
-
-
-def _weight_files(section: ModelSection) -> list[Path]:
-    from qlora_trainer.loading.model import resolve_model_path
-
-    path = Path(resolve_model_path(section))
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:  # only what is already cached: fingerprinting must not download a model
-            path = Path(snapshot_download(section.name_or_path, revision=section.revision, local_files_only=True,
-                                          allow_patterns=["*.safetensors"]))
-        except Exception:  # huggingface_hub raises several types for "not in the cache"; all mean none here
-            return []
-    return sorted(path.glob("*.safetensors"))
 
 
 def record(section: ModelSection, run: Path) -> bool:

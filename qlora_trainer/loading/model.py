@@ -11,30 +11,15 @@ from qlora_trainer.config.recipe import AUTO, LoraSection, ModelSection, Quantiz
 from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.files.damaged_files import damaged_safetensors, safetensors_of
-from qlora_trainer.files.local_path import looks_local
-from qlora_trainer.loading.demo_model import demo_model_path, is_demo_model
 from qlora_trainer.loading.model_checks import check_config_file
+from qlora_trainer.loading.model_path import resolve_model_path
+from qlora_trainer.loading.weight_files import has_weight_files
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_model_path(section: ModelSection) -> str:
-    """A local directory, a hub id, or the cached directory of a built demo model."""
-    name = section.name_or_path
-    if is_demo_model(name):
-        return str(demo_model_path(name))
-    path = Path(name).expanduser()
-    if looks_local(name):
-        if not path.is_dir():
-            raise UserError(f"model.name_or_path: {name} is not a model directory; pass a hub id or a directory with config.json")
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.name_or_path: {name} has no config.json; point it at the directory save_pretrained wrote")
-        return str(path)
-    return name
 
 
 def load_config(section: ModelSection):
@@ -98,7 +83,7 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, device: str
             f"a weights file of '{model.name_or_path}' is damaged ({first_line(err)})"
         raise UserError(f"model.name_or_path: {culprit}; copy or download the model again") from None
     except OSError as err:
-        if Path(path).is_dir() and not _weight_files(Path(path)):
+        if Path(path).is_dir() and not has_weight_files(Path(path)):
             raise UserError(f"model.name_or_path: {path} has no weight files (*.safetensors or *.bin); the model "
                             "was saved without its weights or the copy is incomplete: copy the weights too") from None
         if "safetensors" in str(err) and not model.allow_pickle_weights:
@@ -119,10 +104,6 @@ def keep_4bit_layout(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-def _weight_files(path: Path) -> list[Path]:
-    return [p for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in path.glob(pattern)]
 
 
 def load_tokenizer(model: ModelSection):

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from qlora_trainer.errors import UserError
+from qlora_trainer.loading.lora_targets import ALL_LINEAR, names_module
 
 
 def check_config_file(path: Path, what: str, trust_remote_code: bool) -> None:
@@ -69,12 +70,12 @@ def linear_names(shape) -> list[str]:
 def check_lora_targets(targets, shape, key: str = "lora.target_modules") -> None:
     """Every listed target must name a linear layer (PEFT matches a name or a dotted suffix); PEFT itself fails on
     none matching with a traceback and ignores a misspelt name among good ones."""
-    if targets == "all-linear":
+    if targets == ALL_LINEAR:
         return
     names = ", ".join(linear_names(shape))
     if not targets:
         raise UserError(f"{key} is empty; list some of {shape.name}'s linear layers ({names}) or use all-linear")
-    unknown = [t for t in targets if not any(l.name == t or l.name.endswith("." + t) for l in shape.linears)]
+    unknown = [t for t in targets if not any(names_module(t, l.name) for l in shape.linears)]
     if unknown:
         raise UserError(f"{key}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a linear layer of "
                         f"{shape.name}; its linear layers are {names} (or use all-linear)")

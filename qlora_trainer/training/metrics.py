@@ -68,9 +68,17 @@ class MetricsLogger(TrainerCallback):
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The logged rows. A line torn by a kill mid-append can only be the last one: it is left out, as a resume
+    leaves it out (resume.resumed_metrics), rather than failing the plot and the summary of a finished run."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    try:
+        rows += [json.loads(line) for line in lines[-1:]]
+    except ValueError:
+        pass
+    return rows
 
 
 def plot_loss(rows: list[dict], path: Path, title: str) -> None:

@@ -27,14 +27,11 @@ from qlora_trainer.dataset.sequence_fit import describe_data, fit_to_tokenizer
 from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import Interrupted, TrainingFailed, UserError, WontFitError, first_line
 from qlora_trainer.estimate import auto_settings, gpu_budget
+from qlora_trainer.estimate.estimate_output import format_estimate
+from qlora_trainer.estimate.fit_search import check_fits, fixes_that_fit
 from qlora_trainer.estimate.memory import GIB, ModelShape, estimate
-from qlora_trainer.estimate.memory_report import (
-    check_fits,
-    fixes_that_fit,
-    format_estimate,
-    settings_from_recipe,
-    shape_for_model,
-)
+from qlora_trainer.estimate.recipe_settings import settings_from_recipe
+from qlora_trainer.estimate.shape_lookup import shape_for_model
 from qlora_trainer.files.made_dirs import undo
 from qlora_trainer.files.model_card import adapter_card
 from qlora_trainer.files.run_dir import (
@@ -142,7 +139,7 @@ def _prepare(recipe: Recipe, options: RunOptions, launch: Launch, device: str) -
         recipe = continued_adapter.adopt(recipe, model_lib.load_config(recipe.model))
     if options.gpu_memory is not None:
         recipe = recipe.replaced("train", gpu_memory_gib=options.gpu_memory)
-    shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    shape = shape_for_model(recipe.model.name_or_path, recipe.model.trust_remote_code, recipe.model.revision)
     model_checks.check_lora_targets(recipe.lora.target_modules, shape)
     model_checks.check_seq_len(recipe.train.seq_len, shape)
     # A dry run in one process plans for the launch the recipe is written for (distributed.*), as `estimate` does;
