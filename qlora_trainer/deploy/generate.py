@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_trainer.dataset.chat_templates import ALPACA_PROMPT
+from qlora_trainer.dataset.formats import ALPACA_PROMPT
 from qlora_trainer.deploy.adapter_source import find_adapter, is_merged_model, load_adapter_tokenizer
 from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.files.damaged_files import check_safetensors, safetensors_of
