@@ -13,6 +13,10 @@ USER = [{"role": "user", "content": "my bill"}]
 ANSWER = [{"role": "assistant", "content": "sorry"}]
 OTHER = [{"role": "assistant", "content": "no"}]
 
+
+def answer_turns(text):
+    return [{"role": "assistant", "content": text}]
+
 # One good row of each format, as a file holds it.
 ROWS = {
     "messages": {"messages": USER + ANSWER},
@@ -68,7 +72,7 @@ def test_detection_prefers_the_methods_formats_and_checks_a_requested_one():
         formats.detect_format(list(ROWS["preference"]), "auto", "x", "sft")
     with pytest.raises(UserError, match="train.method is sft; set train.method: kto$"):
         formats.detect_format(list(ROWS["kto"]), "kto", "x", "sft")
-    with pytest.raises(UserError, match="train.method dpo trains on prompt/chosen/rejected pairs, but the rows are kto"):
+    with pytest.raises(UserError, match="method dpo trains on prompt/chosen/rejected pairs, but the rows are kto"):
         formats.detect_format(list(ROWS["kto"]), "auto", "x", "dpo")
     with pytest.raises(UserError, match="cannot tell the data format"):
         formats.detect_format(["question"], "auto", "x")
@@ -123,8 +127,8 @@ def test_text_fields_may_be_chat_turns_one_kind_per_file(name, row):
 
 
 def test_an_empty_answer_is_seen_in_every_format():
-    assert formats.MESSAGES.answer_is_empty({"messages": USER + [{"role": "assistant", "content": " "}]})
-    assert formats.PROMPT_COMPLETION.answer_is_empty({"prompt": USER, "completion": [{"role": "assistant", "content": ""}]})
+    assert formats.MESSAGES.answer_is_empty({"messages": USER + answer_turns(" ")})
+    assert formats.PROMPT_COMPLETION.answer_is_empty({"prompt": USER, "completion": answer_turns("")})
     assert formats.ALPACA.answer_is_empty({"prompt": "p", "completion": "  "})
     assert formats.TEXT.answer_is_empty({"text": "\n"})
     assert formats.PREFERENCE.answer_is_empty({"prompt": "p", "chosen": "a", "rejected": ""})
@@ -162,4 +166,5 @@ def test_a_conversational_prompt_is_rendered_like_the_prompt_turns_of_a_training
 
 def test_plain_rows_describe_their_template():
     assert formats.ALPACA.plain_template() == "the Alpaca prompt (rows converted to prompt/completion)"
-    assert formats.PROMPT_COMPLETION.plain_template() == "none (prompt_completion rows are used as written, EOS appended)"
+    plain = formats.PROMPT_COMPLETION.plain_template()
+    assert plain == "none (prompt_completion rows are used as written, EOS appended)"

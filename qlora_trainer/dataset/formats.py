@@ -111,8 +111,8 @@ def _empty(answer) -> bool:
 
 
 class _PromptCompletion(RowFormat):
-    name, fields, described, conversational = "prompt_completion", ("prompt", "completion"), "prompt/completion rows", None
-    either_fields = ("prompt", "completion")
+    name, fields, described = "prompt_completion", ("prompt", "completion"), "prompt/completion rows"
+    conversational, either_fields = None, ("prompt", "completion")
 
     def problem(self, row):
         for name in self.either_fields:
@@ -199,6 +199,11 @@ def get(name: str) -> RowFormat:
     return SHAREGPT if name == "sharegpt" else FORMATS[name]
 
 
+def find(name: str | None) -> RowFormat | None:
+    """The format of a recorded name, or None for none (a merged export) or one this version does not know."""
+    return get(name) if name in FORMATS or name == "sharegpt" else None
+
+
 def formats_for(method: str) -> list[str]:
     return [name for name, f in FORMATS.items() if method in f.methods]
 
@@ -206,7 +211,8 @@ def formats_for(method: str) -> list[str]:
 def detect_format(columns: list[str], requested: str, source: str, method: str = "sft") -> RowFormat:
     """The format of rows with these columns: data.format where it is set (checked), else the first format, among
     those train.method trains on, whose fields are all present."""
-    if "conversations" in columns and "messages" not in columns and requested in ("auto", "messages") and method == "sft":
+    sharegpt = "conversations" in columns and "messages" not in columns
+    if sharegpt and requested in ("auto", "messages") and method == "sft":
         return SHAREGPT
     hint = "; map other column names with data.columns, e.g. {prompt: question, completion: answer}"
     if requested != "auto":
@@ -225,8 +231,8 @@ def detect_format(columns: list[str], requested: str, source: str, method: str =
         wanted = " or ".join("+".join(FORMATS[f].fields) for f in formats_for(method))
         raise UserError(f"{source}: train.method {method} needs rows with {wanted}; the columns are "
                         f"{', '.join(columns) or '(none)'}; map other names with data.columns, e.g. {{chosen: good}}")
-    raise UserError(f"{source}: cannot tell the data format from the columns {', '.join(columns) or '(none)'}; rows need "
-                    f"messages, conversations, prompt+completion, instruction+output or text{hint}")
+    raise UserError(f"{source}: cannot tell the data format from the columns {', '.join(columns) or '(none)'}; rows "
+                    f"need messages, conversations, prompt+completion, instruction+output or text{hint}")
 
 
 def check_method(fmt: RowFormat, method: str, source: str) -> None:
@@ -244,6 +250,5 @@ def check_method(fmt: RowFormat, method: str, source: str) -> None:
 def inference_prompt(prompt: str, tokenizer, data_format: str | None, conversational: bool = False) -> str:
     """The text to generate from for a run trained on `data_format` rows; the prompt as given where nothing says
     how the model was trained (a merged export, an adapter directory without its run)."""
-    if data_format not in FORMATS and data_format != "sharegpt":
-        return prompt
-    return get(data_format).inference_prompt(prompt, tokenizer, conversational)
+    fmt = find(data_format)
+    return prompt if fmt is None else fmt.inference_prompt(prompt, tokenizer, conversational)
