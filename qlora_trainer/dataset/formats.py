@@ -27,6 +27,11 @@ ALPACA_PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, pair
                             "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
+def _empty(answer) -> bool:
+    """An answer with no text: a blank string, or chat turns whose contents are all blank."""
+    return not (answer.strip() if isinstance(answer, str) else "".join(t["content"] for t in answer).strip())
+
+
 class RowFormat:
     """One row format. Subclasses set the class attributes and override what differs."""
 
@@ -36,6 +41,7 @@ class RowFormat:
     described: str  # the rows, in words, for messages that name them
     conversational: bool | None = False  # None: the rows say (strings or lists of chat turns)
     either_fields: tuple[str, ...] = ()  # fields that hold a string or a list of turns, one kind per file
+    answer_fields: tuple[str, ...] = ("completion",)  # the trainer row's answers, counted when empty
     # Whole conversations, whose loss TRL limits to the assistant turns (assistant_only_loss) unless
     # data.train_on_prompt; conversational prompt/completion rows are split into prompt and answer instead.
     assistant_turns: bool = False
@@ -64,7 +70,7 @@ class RowFormat:
         return None
 
     def answer_is_empty(self, trainer_row: dict) -> bool:
-        return not trainer_row["text"].strip()
+        return any(_empty(trainer_row[name]) for name in self.answer_fields)
 
     def plain_template(self) -> str:
         """How rows that are not conversations are shown to the model, for the run output and summary.json."""
@@ -103,11 +109,7 @@ class _ShareGpt(_Messages):
 
 
 class _Text(RowFormat):
-    name, fields, described = "text", ("text",), "text rows"
-
-
-def _empty(answer) -> bool:
-    return not (answer.strip() if isinstance(answer, str) else "".join(t["content"] for t in answer).strip())
+    name, fields, described, answer_fields = "text", ("text",), "text rows", ("text",)
 
 
 class _PromptCompletion(RowFormat):
@@ -123,9 +125,6 @@ class _PromptCompletion(RowFormat):
 
     def trainer_row(self, row):
         return {name: plain_turns(row[name]) if isinstance(row[name], list) else row[name] for name in self.fields}
-
-    def answer_is_empty(self, trainer_row):
-        return _empty(trainer_row["completion"])
 
 
 class _Alpaca(RowFormat):
@@ -143,12 +142,6 @@ class _Alpaca(RowFormat):
         return {"prompt": template.format(instruction=row["instruction"], input=row.get("input") or ""),
                 "completion": row["output"]}
 
-    def is_conversational(self, trainer_row):
-        return False
-
-    def answer_is_empty(self, trainer_row):
-        return _empty(trainer_row["completion"])
-
     def plain_template(self):
         return "the Alpaca prompt (rows converted to prompt/completion)"
 
@@ -160,6 +153,7 @@ class _Preference(_PromptCompletion):
     """Pairs for dpo, orpo and kto: one prompt, a chosen and a rejected answer."""
     name, fields, described = "preference", ("prompt", "chosen", "rejected"), "prompt/chosen/rejected pairs"
     methods, either_fields = ("dpo", "orpo", "kto"), ("prompt", "chosen", "rejected")
+    answer_fields = ("chosen", "rejected")
 
     def problem(self, row):
         problem = super().problem(row)
@@ -168,9 +162,6 @@ class _Preference(_PromptCompletion):
         if problem is None and row["chosen"] == row["rejected"]:
             problem = "fields 'chosen' and 'rejected' are the same answer; a pair needs two different answers"
         return problem
-
-    def answer_is_empty(self, trainer_row):
-        return _empty(trainer_row["chosen"]) or _empty(trainer_row["rejected"])
 
 
 class _Kto(_PromptCompletion):
