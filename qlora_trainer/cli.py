@@ -419,11 +419,11 @@ def _generate(args) -> int:
     if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
         raise UserError("--max-new-tokens must be positive, --top-p in (0, 1], --temperature 0 or more")
     prompts = read_prompts(args.prompt, args.file)  # before loading the model: there would be nothing to generate
-    model, tokenizer, data_format = load_for_inference(args.source, args.base)
+    model, tokenizer, source = load_for_inference(args.source, args.base)
     options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     for prompt in prompts:
         print(f">>> {prompt}", flush=True)
-        generate(model, tokenizer, format_prompt(prompt, data_format, tokenizer), options)
+        generate(model, tokenizer, format_prompt(prompt, source, tokenizer), options)
     return EXIT_OK
 
 

@@ -8,14 +8,8 @@ an error that names the recipe keys that fix it, rather than training on the pro
 
 from __future__ import annotations
 
+from qlora_trainer.dataset.formats import ALPACA_INTRO
 from qlora_trainer.errors import UserError
-
-# The Stanford Alpaca prompt, for alpaca rows (data.py), so that they train the way the Alpaca models were trained.
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-                 "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                            "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                            "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 # ChatML as most ChatML models ship it; the assistant's <|im_end|> is inside the markers so the model learns to stop.
 CHATML = (
@@ -28,11 +22,11 @@ CHATML = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
-# The Stanford Alpaca prompt (as data.py uses for alpaca rows), turn by turn; each answer ends with the EOS token,
-# so a base model whose vocabulary has no chat tokens still learns to stop.
+# The Stanford Alpaca prompt (as formats.py writes it for alpaca rows), turn by turn; each answer ends with the EOS
+# token, so a base model whose vocabulary has no chat tokens still learns to stop.
 ALPACA = (
     "{%- if messages[0]['role'] != 'system' %}"
-    "{{- 'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n' }}"
+    "{{- '" + ALPACA_INTRO + "' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
     "{%- if message['role'] == 'system' %}{{- message['content'] + '\n\n' }}"

@@ -1,6 +1,6 @@
-"""Training data: load local files or hub datasets, detect the row shape, check every row, and turn rows into
-the shapes TRL's SFTTrainer reads (`prompt`/`completion`, `messages` or `text`). `sequence_fit.py` then settles
-the chat template and counts the rows longer than train.seq_len.
+"""Training data: load local files or hub datasets, detect the row format, check every row, and turn rows into
+the shapes TRL's trainers read, as each format in `formats.py` says (`prompt`/`completion`, `messages`, `text` or
+preference rows). `sequence_fit.py` then settles the chat template and counts the rows longer than train.seq_len.
 
 Rows are checked as Python objects before any Arrow table is built: Arrow fails on a column whose types differ
 between rows with a message that names neither the row nor the field.
@@ -15,26 +15,12 @@ from pathlib import Path
 
 from qlora_trainer.config.recipe import DataSection
 from qlora_trainer.console import datasets_quiet
-from qlora_trainer.dataset import preference_rows
-from qlora_trainer.dataset.chat_templates import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
-from qlora_trainer.dataset.row_fields import SHAREGPT_ROLES
-from qlora_trainer.dataset.row_fields import messages_problem as _messages_problem
-from qlora_trainer.dataset.row_fields import type_problem as _type_problem
+from qlora_trainer.dataset.formats import RowFormat, detect_format
 from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.files.local_path import looks_local
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 UTF8_BOM = b"\xef\xbb\xbf"  # some Windows editors start UTF-8 files with it
-
-# The fields each format needs; `auto` picks the first format whose fields are all present, among the formats
-# train.method trains on.
-REQUIRED_FIELDS = {
-    **preference_rows.PREFERENCE_FIELDS,
-    "messages": ("messages",),
-    "prompt_completion": ("prompt", "completion"),
-    "alpaca": ("instruction", "output"),
-    "text": ("text",),
-}
 
 
 @dataclass
@@ -43,7 +29,8 @@ class Data:
     eval: object | None
     format: str  # as detected: messages, sharegpt, prompt_completion, alpaca, text, preference or kto
     source: str
-    recipe_format: str = ""  # the data.format value that names it (sharegpt rows are `messages`), for the recipe
+    conversational: bool  # rows of chat turns (rendered with the chat template), not text used as written
+    recipe_format: str  # the data.format value that names it (sharegpt rows are `messages`), for the recipe
     notes: list[str] = field(default_factory=list)  # what happened to the rows, for the run output
     stats: dict = field(default_factory=dict)  # the same as numbers, for summary.json
 
@@ -63,7 +50,7 @@ def load_data(section: DataSection, seed: int, method: str = "sft") -> Data:
         raw.rows = raw.rows[:section.max_rows]
     _require_some_object(raw)
     fmt = detect_format(_columns(raw), section.format, raw.source, method)
-    recipe_format = "messages" if fmt == "sharegpt" else fmt
+    recipe_format = "messages" if fmt.name == "sharegpt" else fmt.name
     stats: dict = {}
     notes: list[str] = []
     train = _convert(raw, fmt, section, stats, notes, "train")
@@ -81,8 +68,8 @@ def load_data(section: DataSection, seed: int, method: str = "sft") -> Data:
         parts = train.train_test_split(test_size=held_out, seed=seed)
         train, eval_set = parts["train"], parts["test"]
     stats.update(train_rows=len(train), eval_rows=len(eval_set) if eval_set is not None else 0)
-    data = Data(train=train, eval=eval_set, format=fmt, source=raw.source, recipe_format=recipe_format, notes=notes,
-                stats=stats)
+    data = Data(train=train, eval=eval_set, format=fmt.name, source=raw.source,
+                conversational=fmt.is_conversational(train[0]), recipe_format=recipe_format, notes=notes, stats=stats)
     notes.insert(0, count_note(data))
     return data
 
@@ -261,41 +248,16 @@ def _columns(raw: _Rows) -> list[str]:
     return list(dict.fromkeys(k for _, row, _ in raw.rows if row for k in row))
 
 
-def detect_format(columns: list[str], requested: str, source: str, method: str = "sft") -> str:
-    if "conversations" in columns and "messages" not in columns and requested in ("auto", "messages") and method == "sft":
-        return "sharegpt"
-    hint = "; map other column names with data.columns, e.g. {prompt: question, completion: answer}"
-    if requested != "auto":
-        missing = [f for f in REQUIRED_FIELDS[requested] if f not in columns]
-        if missing:
-            raise UserError(f"{source}: data.format is {requested} but the rows have no {', '.join(missing)} field; "
-                            f"columns are {', '.join(columns) or 'none'}{hint}")
-        preference_rows.check_method(requested, method, source)
-        return requested
-    candidates = preference_rows.formats_for(method) or [f for f in REQUIRED_FIELDS
-                                                           if f not in preference_rows.PREFERENCE_FIELDS]
-    for fmt in list(candidates) + list(preference_rows.PREFERENCE_FIELDS):
-        if all(f in columns for f in REQUIRED_FIELDS[fmt]):
-            preference_rows.check_method(fmt, method, source)  # rows of another method's shape: name the key
-            return fmt
-    if method != "sft":
-        wanted = " or ".join("+".join(REQUIRED_FIELDS[f]) for f in preference_rows.formats_for(method))
-        raise UserError(f"{source}: train.method {method} needs rows with {wanted}; the columns are "
-                        f"{', '.join(columns) or '(none)'}; map other names with data.columns, e.g. {{chosen: good}}")
-    raise UserError(f"{source}: cannot tell the data format from the columns {', '.join(columns) or '(none)'}; rows need "
-                    f"messages, conversations, prompt+completion, instruction+output or text{hint}")
-
-
-def _convert(raw: _Rows, fmt: str, section: DataSection, stats: dict, notes: list[str], split: str):
+def _convert(raw: _Rows, fmt: RowFormat, section: DataSection, stats: dict, notes: list[str], split: str):
     """Check every row, apply data.on_bad_rows, count duplicates and empty answers, build the Dataset."""
     from datasets import Dataset
 
     good, bad = [], []
     for where, row, problem in raw.rows:
-        problem = problem or _row_problem(row, fmt)
+        problem = problem or fmt.problem(row)
         if problem is None:
-            row = _to_trainer_row(row, fmt)
-            problem = _kind_problem(row, good[0] if good else None)
+            row = fmt.trainer_row(row)
+            problem = fmt.kind_problem(row, good[0] if good else None)
         if problem:
             bad.append((where, problem))
         else:
@@ -305,7 +267,7 @@ def _convert(raw: _Rows, fmt: str, section: DataSection, stats: dict, notes: lis
         raise UserError(f"{raw.source}: no usable rows")
     keys = Counter(json.dumps(r, sort_keys=True) for r in good)
     duplicates = sum(n - 1 for n in keys.values())
-    empty = sum(1 for r in good if _answer_is_empty(r))
+    empty = sum(1 for r in good if fmt.answer_is_empty(r))
     stats.update({f"{split}_duplicate_rows": duplicates, f"{split}_empty_answers": empty})
     if duplicates:
         notes.append(f"{split}: {duplicates} duplicate rows (kept; deduplicate the file if they are not intended)")
@@ -335,68 +297,3 @@ def _apply_bad_row_policy(raw: _Rows, bad: list, total: int, section: DataSectio
 def _reason(problem: str) -> str:
     """The kind of a problem, for counting: the message up to its details."""
     return problem.split(" (")[0].split(";")[0]
-
-
-def _row_problem(row: dict, fmt: str) -> str | None:
-    if fmt in preference_rows.PREFERENCE_FIELDS:
-        return preference_rows.row_problem(row, fmt)
-    if fmt == "messages":
-        return _messages_problem(row.get("messages"), "messages", "role", "content")
-    if fmt == "sharegpt":
-        return _messages_problem(row.get("conversations"), "conversations", "from", "value")
-    if fmt == "prompt_completion":
-        for name in ("prompt", "completion"):
-            value = row.get(name)
-            if isinstance(value, list):
-                problem = _messages_problem(value, name, "role", "content", needs_assistant=name == "completion")
-                if problem:
-                    return problem
-            elif not isinstance(value, str):
-                return _type_problem(name, value, "a string" if value is None else "a string or a list of messages")
-        return None
-    for name in {"alpaca": ("instruction", "output"), "text": ("text",)}[fmt]:
-        if not isinstance(row.get(name), str):
-            return _type_problem(name, row.get(name), "a string")
-    if fmt == "alpaca" and row.get("input") is not None and not isinstance(row["input"], str):
-        return _type_problem("input", row["input"], "a string")
-    return None
-
-
-def _kind_problem(row: dict, first: dict | None) -> str | None:
-    """Prompt/completion (and preference) rows must all be strings or all be message lists, as one Arrow column
-    must be one type."""
-    if first is None or "prompt" not in row:
-        return None
-    for name in [n for n in ("prompt", "completion", "chosen", "rejected") if n in row]:
-        if isinstance(row[name], list) != isinstance(first[name], list):
-            kind = "a message list" if isinstance(row[name], list) else "a string"
-            return f"field '{name}' is {kind}, unlike the first row; use one kind throughout the file"
-    return None
-
-
-def _to_trainer_row(row: dict, fmt: str) -> dict:
-    if fmt in preference_rows.PREFERENCE_FIELDS:
-        return preference_rows.to_trainer_row(row, fmt)
-    if fmt == "alpaca":
-        template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
-        return {"prompt": template.format(instruction=row["instruction"], input=row.get("input") or ""),
-                "completion": row["output"]}
-    if fmt == "sharegpt":
-        return {"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in row["conversations"]]}
-    if fmt == "messages":
-        return {"messages": [{"role": t["role"], "content": t["content"]} for t in row["messages"]]}
-    if fmt == "prompt_completion":
-        return {k: [{"role": t["role"], "content": t["content"]} for t in row[k]] if isinstance(row[k], list) else row[k]
-                for k in ("prompt", "completion")}
-    return {"text": row["text"]}
-
-
-def _answer_is_empty(row: dict) -> bool:
-    if "chosen" in row or "label" in row:
-        return preference_rows.answer_is_empty(row)
-    if "messages" in row:
-        return any(t["role"] == "assistant" and not t["content"].strip() for t in row["messages"])
-    if "completion" in row:
-        answer = row["completion"]
-        return not (answer.strip() if isinstance(answer, str) else "".join(t["content"] for t in answer).strip())
-    return not row["text"].strip()

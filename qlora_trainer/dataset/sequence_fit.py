@@ -6,6 +6,7 @@ from __future__ import annotations
 from qlora_trainer.config.recipe import DataSection
 from qlora_trainer.dataset.chat_templates import apply_chat_template
 from qlora_trainer.dataset.data import Data, count_note
+from qlora_trainer.dataset.formats import get
 from qlora_trainer.errors import UserError
 
 
@@ -15,16 +16,13 @@ def fit_to_tokenizer(data: Data, section: DataSection, tokenizer, seq_len: int, 
     TRL truncates to max_length and then silently drops rows left with no loss tokens; measuring the same token
     counts here first turns both into numbers in the run output.
     """
-    conversational = "messages" in data.train.column_names or isinstance(data.train[0].get("prompt"), list)
     template = None
-    if conversational:
-        assistant_only = "messages" in data.train.column_names and not section.train_on_prompt
+    if data.conversational:
+        assistant_only = get(data.format).assistant_turns and not section.train_on_prompt
         name, template = apply_chat_template(tokenizer, section.chat_template, assistant_only, model_name)
         data.notes.append(f"chat template: {name}")
-    elif data.format == "alpaca":
-        data.notes.append("template: the Alpaca prompt (rows converted to prompt/completion)")
     else:
-        data.notes.append(f"template: none ({data.format} rows are used as written, EOS appended)")
+        data.notes.append(f"template: {get(data.format).plain_template()}")
     data.stats["template"] = data.notes[-1].split(": ", 1)[1]
     data.train = _fit_split(data.train, "train", data, section, tokenizer, seq_len, template)
     if data.eval is not None:

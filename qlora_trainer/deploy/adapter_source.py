@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_trainer.config.recipe import ModelSection, QuantizationSection, Recipe
+from qlora_trainer.dataset import formats
 from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.files.damaged_files import check_safetensors, read_json_object
 
@@ -20,6 +21,7 @@ class AdapterSource:
     quantization: QuantizationSection
     recipe: Recipe | None  # present for a run directory
     data_format: str | None  # the training rows' format, from the run summary
+    data_conversational: bool = False  # whether those rows were chat turns (rendered with the chat template)
 
 
 def find_adapter(path: Path, base_override: str | None = None) -> AdapterSource:
@@ -50,10 +52,19 @@ def find_adapter(path: Path, base_override: str | None = None) -> AdapterSource:
         base = base.model_copy(update={"name_or_path": base_override})
     if not base.name_or_path:
         raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --base PATH")
-    summary = path / "summary.json"
-    data_format = read_json_object(summary, f"restore it, or pass the adapter directory {adapter_dir}").get(
-        "data_format") if summary.is_file() else None
-    return AdapterSource(adapter_dir, base, quantization, recipe, data_format)
+    summary_path = path / "summary.json"
+    summary = read_json_object(summary_path, f"restore it, or pass the adapter directory {adapter_dir}") \
+        if summary_path.is_file() else {}
+    return AdapterSource(adapter_dir, base, quantization, recipe, summary.get("data_format"), _conversational(summary))
+
+
+def _conversational(summary: dict) -> bool:
+    """Whether the run trained on chat turns. A summary written before it said so directly still names the template
+    its rows got: a chat template's name, or the description its format gives rows used as written."""
+    if "data_conversational" in summary:
+        return bool(summary["data_conversational"])
+    fmt, template = formats.find(summary.get("data_format")), (summary.get("data") or {}).get("template")
+    return fmt is not None and template is not None and template != fmt.plain_template()
 
 
 def load_adapter_tokenizer(source: AdapterSource):

@@ -38,7 +38,7 @@ class AdapterSet:
         self.base = model_lib.load_base_model(self.base_section, self.quantization, self.device)
         self.model = None  # the PeftModel, created with the first adapter
         self.tokenizers: dict = {}
-        self.formats: dict[str, str | None] = {}
+        self.sources: dict = {}  # each adapter's AdapterSource: how its prompts are formatted
 
     @property
     def names(self) -> list[str]:
@@ -62,7 +62,7 @@ class AdapterSet:
         else:
             self.model.load_adapter(source.adapter_dir, adapter_name=name)
         self.tokenizers[name] = load_adapter_tokenizer(source)
-        self.formats[name] = source.data_format
+        self.sources[name] = source
         self.use(name)
 
     def use(self, name: str) -> None:
@@ -75,7 +75,7 @@ class AdapterSet:
         if self.model is None:
             raise UserError("attach an adapter with add() first")
         tokenizer = self.tokenizers[self.active]
-        text = format_prompt(prompt, self.formats[self.active], tokenizer)
+        text = format_prompt(prompt, self.sources[self.active], tokenizer)
         return generate(self.model, tokenizer, text, GenerateOptions(stream=False, **options))
 
     @torch.no_grad()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from qlora_trainer.dataset.chat_templates import ALPACA_PROMPT
-from qlora_trainer.deploy.adapter_source import find_adapter, is_merged_model, load_adapter_tokenizer
+from qlora_trainer.dataset import formats
+from qlora_trainer.deploy.adapter_source import AdapterSource, find_adapter, is_merged_model, load_adapter_tokenizer
 from qlora_trainer.errors import UserError, first_line
 from qlora_trainer.files.damaged_files import check_safetensors, safetensors_of
 from qlora_trainer.loading import base_fingerprint
@@ -25,7 +25,7 @@ class GenerateOptions:
 
 
 def load_for_inference(path: Path, base: str | None = None):
-    """(model, tokenizer, data_format) from a run directory, an adapter directory or a merged export."""
+    """(model, tokenizer, source) from a run directory, an adapter directory or a merged export (source None)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = model_lib.default_device()
@@ -43,16 +43,15 @@ def load_for_inference(path: Path, base: str | None = None):
     base_fingerprint.check(source.adapter_dir, source.base, "adapter", base_fingerprint.DAMAGED_FIX_WITH_BASE)
     base_model = model_lib.load_base_model(source.base, source.quantization, device)
     model = PeftModel.from_pretrained(base_model, source.adapter_dir)
-    return model, load_adapter_tokenizer(source), source.data_format
+    return model, load_adapter_tokenizer(source), source
 
 
-def format_prompt(prompt: str, data_format: str | None, tokenizer) -> str:
-    """The text the model saw before its answers in training: chat template, Alpaca prompt, or the raw prompt."""
-    if data_format in ("messages", "sharegpt") and tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    if data_format == "alpaca":
-        return ALPACA_PROMPT.format(instruction=prompt)
-    return prompt
+def format_prompt(prompt: str, source: AdapterSource | None, tokenizer) -> str:
+    """The text the model saw before its answers in training (dataset/formats.py): the chat template for
+    conversational rows, the Alpaca prompt for alpaca rows, or the prompt as given."""
+    if source is None:
+        return prompt
+    return formats.inference_prompt(prompt, tokenizer, source.data_format, source.data_conversational)
 
 
 @torch.no_grad()

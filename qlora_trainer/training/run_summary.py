@@ -61,6 +61,7 @@ def summarise(prepared: PreparedRun, ctx: RunContext, trainer, outcome: Outcome,
         "tokens_per_s_per_process": round(tokens / runtime / launch.world_size, 1) if runtime > 0 else None,
         **outcome.report,
         "data_format": data.format,
+        "data_conversational": data.conversational,  # how generate formats a prompt (dataset/formats.py)
         "data": data.stats,
         # accelerate's FSDP mixed precision keeps trainable weights in fp32 (and autocasts the compute).
         "adapter_dtype": "float32" if launch.strategy == "fsdp" else recipe.lora.dtype,
