@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from qlora_trainer.config.recipe import (
     DataSection,
@@ -54,37 +54,20 @@ class ResolvedData(DataSection):
     format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "preference", "kto"]
 
 
-# The sections planning does not touch, frozen as they are.
-class ResolvedQuantization(QuantizationSection):
-    model_config = FROZEN
+def _frozen(section: type[BaseModel]) -> type[BaseModel]:
+    """A section planning does not touch, frozen as it is."""
+    name = "Resolved" + section.__name__.removesuffix("Section")
+    return type(name, (section,), {"model_config": FROZEN, "__module__": __name__, "__doc__": section.__doc__})
 
 
-class ResolvedLora(LoraSection):
-    model_config = FROZEN
-
-
-class ResolvedDpo(DpoSection):
-    model_config = FROZEN
-
-
-class ResolvedOrpo(OrpoSection):
-    model_config = FROZEN
-
-
-class ResolvedKto(KtoSection):
-    model_config = FROZEN
-
-
-class ResolvedEval(EvalSection):
-    model_config = FROZEN
-
-
-class ResolvedExport(ExportSection):
-    model_config = FROZEN
-
-
-class ResolvedDistributed(DistributedSection):
-    model_config = FROZEN
+ResolvedQuantization = _frozen(QuantizationSection)
+ResolvedLora = _frozen(LoraSection)
+ResolvedDpo = _frozen(DpoSection)
+ResolvedOrpo = _frozen(OrpoSection)
+ResolvedKto = _frozen(KtoSection)
+ResolvedEval = _frozen(EvalSection)
+ResolvedExport = _frozen(ExportSection)
+ResolvedDistributed = _frozen(DistributedSection)
 
 
 class ResolvedRecipe(Recipe):

@@ -4,16 +4,16 @@ the SFT path's checkpointing subclass (sft_trainer.py) over TRL's DPOTrainer, KT
 from __future__ import annotations
 
 from qlora_trainer.config.recipe import Recipe
+from qlora_trainer.config.resolved_recipe import ResolvedRecipe
 from qlora_trainer.dataset.preference_rows import unpaired
 from qlora_trainer.errors import UserError
 from qlora_trainer.training.sft_trainer import qlora_sft_trainer
 
 
-def trainer_and_config(recipe: Recipe, arguments: dict):
+def trainer_and_config(recipe: ResolvedRecipe, arguments: dict):
     """(trainer class, config) for train.method; `arguments` are the TrainingArguments every method shares."""
     method, t = recipe.train.method, recipe.train
-    # A recipe built without the planner (tests, tools) may still say auto here: auto unplanned is off.
-    offload = t.activation_offloading is True
+    offload = t.activation_offloading
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 

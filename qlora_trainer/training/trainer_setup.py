@@ -7,6 +7,7 @@ from pathlib import Path
 
 from qlora_trainer.config.resolved_recipe import ResolvedRecipe
 from qlora_trainer.console import datasets_quiet
+from qlora_trainer.dataset import formats
 from qlora_trainer.distributed import Launch
 from qlora_trainer.errors import UserError
 from qlora_trainer.files.run_dir import CHECKPOINTS
@@ -69,23 +70,22 @@ def sft_config(recipe: ResolvedRecipe, run: Path, device: str, has_eval: bool, l
     from trl import SFTConfig
 
     t, d = recipe.train, recipe.data
-    if (t.packing is True or t.padding_free is True) and recipe.model.trust_remote_code:
+    if (t.packing or t.padding_free) and recipe.model.trust_remote_code:
         # transformers keeps packed rows apart (from position_ids) in its own sdpa/eager/flash attention; a model's
         # own code may not, and would then let rows attend to each other without any error.
         raise UserError("train.packing and train.padding_free need the model's transformers attention, and "
                         "model.trust_remote_code runs the model's own code; unset train.packing/train.padding_free")
     return SFTConfig(
         **training_arguments(recipe, run, device, has_eval, launch),
-        # A recipe built without the planner (tests, tools) may still say auto here: auto unplanned is off, as on the CPU.
-        activation_offloading=t.activation_offloading is True,
+        activation_offloading=t.activation_offloading,
         # Rows longer than seq_len were counted (and with overlong: drop, left out) by data.fit_to_tokenizer; TRL
         # truncates the rest. TRL cannot truncate padding-free batches without packing: there overlong is drop.
-        max_length=None if t.padding_free is True and t.packing is not True else t.seq_len,
+        max_length=None if t.padding_free and not t.packing else t.seq_len,
         completion_only_loss=not d.train_on_prompt,
         # Conversations: loss on the assistant turns only, marked by the chat template's {% generation %} blocks.
-        assistant_only_loss=not d.train_on_prompt and d.format == "messages",
-        packing=t.packing is True,  # best-fit decreasing: whole rows per sequence, each attending only to itself
-        padding_free=t.padding_free is True,
+        assistant_only_loss=not d.train_on_prompt and formats.get(d.format).assistant_turns,
+        packing=t.packing,  # best-fit decreasing: whole rows per sequence, each attending only to itself
+        padding_free=t.padding_free,
     )
 
 
