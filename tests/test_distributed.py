@@ -102,6 +102,32 @@ def test_both_processes_train_the_same_adapter_and_the_loss_falls(ddp_run):
     assert len(summary["peak_memory_gib_per_process"]) == PROCESSES
 
 
+@pytest.mark.slow
+def test_dpo_on_two_processes_trains_one_adapter_and_scores_every_held_out_pair(tiny_model_dir, tmp_path):
+    """DPO under DDP: both processes end with the same adapter, and the held-out preference check, each process
+    scoring its share, counts every pair once."""
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(f"""\
+model: {{name_or_path: {tiny_model_dir}}}
+lora: {{r: 8, alpha: 16, dropout: 0.0}}
+data:
+  path: {DEMO_DATA / "complaints-pref-train.jsonl"}
+  eval_path: {DEMO_DATA / "complaints-pref-heldout.jsonl"}
+  max_rows: 256
+train: {{method: dpo, seq_len: 64, micro_batch_size: 4, gradient_accumulation_steps: 1, max_steps: 8,
+        learning_rate: 2.0e-3, logging_steps: 2, save_steps: 100}}
+eval: {{max_samples: 30}}
+""")
+    run, out = finished(torchrun, recipe, tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["method"], summary["processes"], summary["strategy"]) == ("dpo", PROCESSES, "ddp")
+    checksums = summary["adapter_sha256_per_process"]
+    assert len(checksums) == PROCESSES and len(set(checksums)) == 1, checksums
+    assert summary["preference_before"]["pairs"] == summary["preference_after"]["pairs"] == 30
+    assert summary["preference_after"]["logp_margin"] > summary["preference_before"]["logp_margin"], summary
+    assert out.count("Held-out preference after training") == 1, "printed once, by the main process"
+
+
 def test_only_the_main_process_writes_and_prints(ddp_run):
     run, out = ddp_run
     assert out.count("qlora-trainer: recipe") == 1 and out.count("Done in") == 1
