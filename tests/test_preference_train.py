@@ -78,7 +78,7 @@ def dpo_run(tmp_path_factory):
 def test_tiny_dpo_demo_learns_its_held_out_pairs(dpo_run):
     summary = json.loads((dpo_run / "summary.json").read_text())
     before, after = summary["preference_before"], summary["preference_after"]
-    assert summary["method"] == "dpo" and summary["steps"] == 60
+    assert summary["method"] == "dpo" and summary["steps"] == 200
     assert before["pairs"] == after["pairs"] == 100
     assert before["accuracy"] < 0.8 and after["accuracy"] >= 0.95, (before, after)
     # The new adapter starts at zero: the trained model is the reference itself, so the margin starts at zero.
@@ -90,7 +90,7 @@ def test_tiny_dpo_demo_learns_its_held_out_pairs(dpo_run):
     # The same margin as TRL's own eval computes it, at the same step, over the same pairs.
     final_eval = [json.loads(line) for line in (dpo_run / "metrics.jsonl").read_text().splitlines()
                   if "eval_rewards/margins" in line][-1]
-    assert final_eval["step"] == 60
+    assert final_eval["step"] == 200
     assert after["reward_margin"] == pytest.approx(final_eval["eval_rewards/margins"], rel=0.05)
     assert "eval_perplexity" not in final_eval, "exp(DPO loss) is no perplexity"
     for name in ("recipe.yaml", "estimate.json", "loss.png", "adapter/adapter_model.safetensors",
@@ -118,18 +118,28 @@ def test_a_dpo_run_exports_and_generates_its_preferred_labels(dpo_run, tmp_path)
     report = json.loads((tmp_path / "merged" / "export.json").read_text())
     # The export's own bars (a few near-ties of a tiny random model may flip in bf16), and a small logit error.
     assert report["verified"] and report["relative_logit_error"] < 0.01, report
+    # Greedy decoding from the adapter and from its export writes the preferred label for (nearly) every held-out
+    # tweet of each label: all 100 prompts in one `generate --file` call, so that no single near-tie decides.
     pairs = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
-    examples = [next(p for p in pairs if p["chosen"] == label) for label in (" complaint", " no complaint")]
     for source in (dpo_run, tmp_path / "merged"):
-        for pair in examples:
-            result = run_cli("generate", str(source), "--prompt", pair["prompt"], "--max-new-tokens", "3")
-            assert result.returncode == 0, result.stderr[-2000:]
-            answer = result.stdout.split(pair["prompt"].splitlines()[-1], 1)[-1]
-            # generate answers from the DPO adapter and from its export. Which label greedy decoding writes first
-            # is not asserted: since 4-bit layers keep their trainable layout on AVX512-BF16 CPUs, the tiny DPO
-            # run no longer writes the preferred label reliably (issue 19's note); the preference accuracy before
-            # and after is what tests/test_preference_train.py's learning test holds.
-            assert answer.strip(), (source, pair, result.stdout)
+        answers = greedy_answers(source, pairs, tmp_path)
+        for label in (" complaint", " no complaint"):
+            of_label = [(p["prompt"], a) for p, a in zip(pairs, answers) if p["chosen"] == label]
+            right = [a for _, a in of_label if a.startswith(label)]
+            assert len(of_label) >= 30 and len(right) >= 0.9 * len(of_label), (source, label, of_label)
+
+
+def greedy_answers(source, pairs, tmp_path) -> list[str]:
+    """What `generate` writes (3 new tokens, greedy) after each pair's prompt, in order."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in pairs))
+    result = run_cli("generate", str(source), "--file", str(prompts), "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    # Each prompt is printed as ">>> PROMPT" on its own line, then the answer streamed after it.
+    blocks = result.stdout.split(">>> ")[1:]
+    assert [b[:len(p["prompt"]) + 1] for b, p in zip(blocks, pairs)] == [p["prompt"] + "\n" for p in pairs], \
+        result.stdout[-2000:]
+    return [b[len(p["prompt"]) + 1:].rstrip("\n") for b, p in zip(blocks, pairs)]
 
 
 @pytest.mark.slow
