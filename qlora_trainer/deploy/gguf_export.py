@@ -97,11 +97,12 @@ def _write_model(source: AdapterSource, config, options: GgufOptions, staging: P
         safetensors_export.write_export(safetensors_export.merge(source, merge_options), source, merged, merge_options)
     _carry_sentencepiece_model(source, merged)
     gguf_name = f"model-{options.quant}.gguf"
-    llama_cpp_converter.convert_model(merged, staging / gguf_name, options.quant)
+    tokenizer = load_adapter_tokenizer(source)
+    llama_cpp_converter.convert_model(merged, staging / gguf_name, options.quant,
+                                      llama_cpp_converter.space_after_special_tokens(tokenizer))
     merged_config = AutoConfig.from_pretrained(merged)
     eos_ids = _generation_eos_ids(merged)
     shutil.rmtree(merged)  # the read-back must find only the GGUF
-    tokenizer = load_adapter_tokenizer(source)
     from qlora_trainer.deploy.gguf_verify import verify_gguf
 
     report = verify_gguf(staging, gguf_name, merged_config, source, tokenizer, options.output)

@@ -36,6 +36,7 @@ def verify_gguf(directory: Path, gguf_name: str, config, source, tokenizer, outp
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise UserError(f"GGUF export verification failed: transformers cannot read the converted file back "
                         f"({first_line(err)}); nothing was written to {output}") from None
+    check_space_after_special(tokenizer, directory / gguf_name, output)
     checked = check_tokenization(tokenizer, read_back, prompts, output)
     report = compare_logits(_reference(source), candidate, tokenizer, prompts)
     report["tokenization_checked"] = checked
@@ -79,6 +80,26 @@ def check_tokenization(tokenizer, read_back, prompts: list[str], output: Path) -
                             f"{_token(read_back, got, at)} in the GGUF); nothing was written to {output}; llama.cpp "
                             "would read prompts differently from the trained model")
     return len(texts)
+
+
+def check_space_after_special(tokenizer, gguf_path: Path, output: Path) -> None:
+    """transformers' GGUF tokenizer follows the training tokenizer here, llama.cpp follows the GGUF's
+    `add_space_prefix` (on unless written off) for a SentencePiece vocabulary: check that flag directly."""
+    from gguf import GGUFReader
+
+    from qlora_trainer.deploy.llama_cpp_converter import space_after_special_tokens
+
+    fields = GGUFReader(gguf_path).fields
+    if fields["tokenizer.ggml.model"].contents() != "llama":  # llama.cpp's SentencePiece vocabulary type
+        return
+    flag = fields.get("tokenizer.ggml.add_space_prefix")
+    in_gguf, in_training = (flag.contents() if flag else True), space_after_special_tokens(tokenizer)
+    if in_gguf != in_training:
+        raise UserError(f"GGUF export verification failed: llama.cpp would {'' if in_gguf else 'not '}put a space "
+                        f"before the text that follows each special token, which the training tokenizer does "
+                        f"{'not ' if in_gguf else ''}do (add_space_prefix {in_gguf} in the GGUF); nothing was "
+                        f"written to {output}; llama.cpp would read every chat turn differently from the trained "
+                        "model")
 
 
 def _token(tokenizer, ids: list[int], at: int) -> str:

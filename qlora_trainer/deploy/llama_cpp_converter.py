@@ -98,32 +98,55 @@ def supported_architectures() -> frozenset[str]:
     return frozenset(names)
 
 
-def convert_model(model_dir: Path, outfile: Path, quant: str) -> None:
-    prepare_tokenizer_config(model_dir)
-    _run(["convert_hf_to_gguf.py", str(model_dir), "--outfile", str(outfile), "--outtype", quant],
+def convert_model(model_dir: Path, outfile: Path, quant: str, space_after_special: bool) -> None:
+    """`space_after_special`: whether the training tokenizer starts text that follows a special token with a
+    space (space_after_special_tokens)."""
+    prepare_tokenizer_config(model_dir, space_after_special)
+    _run(["convert_hf_to_gguf.py", _absolute(model_dir), "--outfile", _absolute(outfile), "--outtype", quant],
          f"convert {model_dir.name} to GGUF")
 
 
 def convert_adapter(adapter_dir: Path, base_dir: Path, outfile: Path, quant: str) -> None:
-    _run(["convert_lora_to_gguf.py", str(adapter_dir), "--base", str(base_dir), "--outfile", str(outfile),
-          "--outtype", quant], "convert the adapter to GGUF")
+    _run(["convert_lora_to_gguf.py", _absolute(adapter_dir), "--base", _absolute(base_dir), "--outfile",
+          _absolute(outfile), "--outtype", quant], "convert the adapter to GGUF")
 
 
-def prepare_tokenizer_config(model_dir: Path) -> None:
-    """Copy tokenizer.json's added tokens into tokenizer_config.json's `added_tokens_decoder`.
+def _absolute(path: Path) -> str:
+    """The converter runs in its own directory (_run), where a path relative to ours names nothing."""
+    return str(Path(path).resolve())
 
-    The converter's SentencePiece path learns which tokens are added (control or user-defined, kept whole by
-    llama.cpp) only from `added_tokens_decoder`, which transformers 4 wrote and transformers 5 no longer writes;
-    without it `<|im_end|>` becomes an ordinary piece that llama.cpp cuts into bytes."""
+
+def prepare_tokenizer_config(model_dir: Path, space_after_special: bool) -> None:
+    """Tell the converter what transformers 5 no longer writes into tokenizer_config.json.
+
+    - `added_tokens_decoder`: the converter's SentencePiece path learns which tokens are added (control or
+      user-defined, kept whole by llama.cpp) only from it; without it `<|im_end|>` becomes an ordinary piece that
+      llama.cpp cuts into bytes.
+    - `add_prefix_space`, for a SentencePiece vocabulary: llama.cpp puts a space before every piece of text that
+      follows a special token unless the GGUF says otherwise, and the converter's llama path writes this key into
+      the GGUF. A tokenizer that marks a space only at the start of the text (transformers 5 converts
+      SentencePiece models so, as Mistral v0.3 publishes its tokenizer) trained every chat turn without it."""
     tokenizer_json, config_path = model_dir / "tokenizer.json", model_dir / "tokenizer_config.json"
     if not tokenizer_json.is_file() or not config_path.is_file():
         return
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    if "added_tokens_decoder" in config:
-        return
-    added = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens", [])
-    config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}
+    if "added_tokens_decoder" not in config:
+        added = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens", [])
+        config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}
+    if (model_dir / "tokenizer.model").is_file():
+        config["add_prefix_space"] = space_after_special
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+SPACE_MARK = "\u2581"  # SentencePiece's visible space
+
+
+def space_after_special_tokens(tokenizer) -> bool:
+    """Whether the tokenizer starts the text after a special token with SentencePiece's space mark, as llama.cpp's
+    SentencePiece tokenizer does with `add_space_prefix` (its default)."""
+    special = tokenizer.eos_token or tokenizer.all_special_tokens[0]
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(special + "a", add_special_tokens=False)["input_ids"])
+    return len(pieces) > 1 and pieces[1].startswith(SPACE_MARK)
 
 
 def _run(arguments: list[str], doing: str) -> str:
