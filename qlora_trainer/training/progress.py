@@ -23,8 +23,7 @@ def format_log(logs: dict, step: int, max_steps: int) -> str | None:
     summary, which the run prints itself."""
     where = f"step {step}/{max_steps}"
     if "eval_loss" in logs:
-        perplexity = math.exp(min(logs["eval_loss"], 700.0))  # exp overflows a float past ~709
-        return f"{where}  eval loss {logs['eval_loss']:.3f}  perplexity {perplexity:.2f}"
+        return "  ".join([where, f"eval loss {logs['eval_loss']:.3f}", *_eval_measures(logs)])
     if "loss" not in logs:
         return None
     parts = [where, f"loss {logs['loss']:.3f}"]
@@ -34,4 +33,23 @@ def format_log(logs: dict, step: int, max_steps: int) -> str | None:
         parts.append(f"grad-norm {logs['grad_norm']:.3f}")
     if logs.get("mean_token_accuracy") is not None:  # TRL's share of next tokens predicted right, on trained tokens
         parts.append(f"token accuracy {logs['mean_token_accuracy']:.1%}")
-    return "  ".join(parts)
+    return "  ".join(parts + _reward_measures(logs, ""))
+
+
+def _eval_measures(logs: dict) -> list[str]:
+    """A preference trainer's loss is no token likelihood, so its eval line shows its rewards, not a perplexity."""
+    rewards = _reward_measures(logs, "eval_")
+    if rewards or any(key.startswith("eval_rewards/") for key in logs):
+        return rewards
+    return [f"perplexity {math.exp(min(logs['eval_loss'], 700.0)):.2f}"]  # exp overflows a float past ~709
+
+
+def _reward_measures(logs: dict, prefix: str) -> list[str]:
+    """TRL's preference measures: the share of pairs whose chosen answer the policy prefers over the reference's
+    preference, and the mean reward margin."""
+    parts = []
+    if logs.get(f"{prefix}rewards/accuracies") is not None:
+        parts.append(f"reward accuracy {logs[f'{prefix}rewards/accuracies']:.1%}")
+    if logs.get(f"{prefix}rewards/margins") is not None:
+        parts.append(f"margin {logs[f'{prefix}rewards/margins']:+.3f}")
+    return parts
