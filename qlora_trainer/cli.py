@@ -414,7 +414,7 @@ def _export_gguf(args) -> int:
 
 def _generate(args) -> int:
     from qlora_trainer.deploy.generate import GenerateOptions, format_prompt, generate, load_for_inference
-    from qlora_trainer.deploy.prompts import read_prompts
+    from qlora_trainer.deploy.prompts import read_prompts, shown
 
     if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
         raise UserError("--max-new-tokens must be positive, --top-p in (0, 1], --temperature 0 or more")
@@ -422,7 +422,7 @@ def _generate(args) -> int:
     model, tokenizer, source = load_for_inference(args.source, args.base)
     options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     for prompt in prompts:
-        print(f">>> {prompt}", flush=True)
+        print(f">>> {shown(prompt)}", flush=True)
         generate(model, tokenizer, format_prompt(prompt, source, tokenizer), options)
     return EXIT_OK
 

@@ -46,9 +46,15 @@ def load_for_inference(path: Path, base: str | None = None):
     return model, load_adapter_tokenizer(source), source
 
 
-def format_prompt(prompt: str, source: AdapterSource | None, tokenizer) -> str:
+def format_prompt(prompt: str | list[dict], source: AdapterSource | None, tokenizer) -> str:
     """The text the model saw before its answers in training (dataset/formats.py): the chat template for
-    conversational rows, the Alpaca prompt for alpaca rows, or the prompt as given."""
+    conversational rows, the Alpaca prompt for alpaca rows, or the prompt as given. Chat turns (a JSONL
+    --file's conversations) always go through the chat template."""
+    if isinstance(prompt, list):
+        if not tokenizer.chat_template:
+            raise UserError("--file holds chat turns, but the model's tokenizer has no chat template to render them "
+                            "with; give text prompts instead")
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     if source is None:
         return prompt
     return formats.inference_prompt(prompt, tokenizer, source.data_format, source.data_conversational)
