@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,6 +272,44 @@ def test_llama_cpp_reads_the_export_as_transformers_does(runs, family, tmp_path)
     # token wherever the top two are not a near tie.
     assert float((got - expected).norm() / expected.norm()) < 0.01
     assert float((got.argmax(-1) == expected.argmax(-1)).float().mean()) >= 0.95
+
+
+def test_llama_cpp_applies_the_adapter_gguf_as_peft_does(runs, tmp_path):
+    """Optional, as above: Ollama's ADAPTER line is llama.cpp's LoRA over a base GGUF of the original weights."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_trainer.deploy.llama_cpp_converter import convert_model, space_after_special_tokens
+
+    adapter, out = tmp_path / "adapter", tmp_path / "gguf"
+    shutil.copytree(runs("llama") / "adapter", adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")  # two steps barely move B: make the update large
+    generator = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(v.shape, generator=generator).to(v.dtype) * 0.05 if ".lora_B." in k else v
+               for k, v in weights.items()}, adapter / "adapter_model.safetensors")
+    assert cli.main(["export", str(adapter), "--output", str(out), "--format", "gguf-adapter"]) == 0
+    base_dir = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    convert_model(Path(base_dir), out / "base.gguf", "f16", space_after_special_tokens(tokenizer))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "My parcel is late."}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text)["input_ids"]
+    scores = {}
+    for name, lora in (("base", None), ("adapted", str(out / "adapter-f16.gguf"))):
+        llm = llama_cpp.Llama(model_path=str(out / "base.gguf"), lora_path=lora, n_ctx=256, logits_all=True,
+                              verbose=False)
+        llm.eval(ids)
+        scores[name] = torch.tensor(llm.scores[:len(ids)], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(base, adapter)(input_ids=torch.tensor([ids])).logits[0]
+    change = float((expected - scores["base"]).norm() / expected.norm())
+    assert change > 0.1, "the adapter must change the logits for this test to mean anything"
+    assert float((scores["adapted"] - expected).norm() / expected.norm()) < 0.01
 
 
 def test_a_family_the_converter_lacks_is_refused_before_merging():
