@@ -12,6 +12,10 @@ from transformers import TrainerCallback
 from qlora_trainer.training.gpu_memory import MemorySampler, ProcessMemory
 
 
+def perplexity(token_loss: float) -> float:
+    return math.exp(min(token_loss, 700.0))  # capped: exp overflows a float past ~709
+
+
 class MetricsLogger(TrainerCallback):
     """Append step, loss, learning rate, tokens/s and peak GPU memory to metrics.jsonl at every log.
 
@@ -47,7 +51,7 @@ class MetricsLogger(TrainerCallback):
         row.update({k: v for k, v in logs.items() if k.startswith(("eval_", "rewards/"))})
         # Perplexity of the eval tokens the loss counts (answers only by default).
         if logs.get("eval_loss") is not None and self.perplexity:
-            row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 700.0))  # capped: exp overflows a float past ~709
+            row["eval_perplexity"] = perplexity(logs["eval_loss"])
         if self.memory is not None:
             self.memory.sample()
             peak = self.memory.snapshot()

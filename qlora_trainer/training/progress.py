@@ -3,9 +3,9 @@ formatted strings."""
 
 from __future__ import annotations
 
-import math
-
 from transformers.trainer_callback import ProgressCallback
+
+from qlora_trainer.training.metrics import perplexity
 
 
 class ProgressLines(ProgressCallback):
@@ -38,10 +38,9 @@ def format_log(logs: dict, step: int, max_steps: int) -> str | None:
 
 def _eval_measures(logs: dict) -> list[str]:
     """A preference trainer's loss is no token likelihood, so its eval line shows its rewards, not a perplexity."""
-    rewards = _reward_measures(logs, "eval_")
-    if rewards or any(key.startswith("eval_rewards/") for key in logs):
-        return rewards
-    return [f"perplexity {math.exp(min(logs['eval_loss'], 700.0)):.2f}"]  # exp overflows a float past ~709
+    if any(key.startswith("eval_rewards/") for key in logs):
+        return _reward_measures(logs, "eval_")
+    return [f"perplexity {perplexity(logs['eval_loss']):.2f}"]
 
 
 def _reward_measures(logs: dict, prefix: str) -> list[str]:
