@@ -37,7 +37,7 @@ QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 def build_sentencepiece_model(family: str, target) -> None:
     """A tiny random model of `family` with a SentencePiece tokenizer (byte fallback, ChatML turn markers)."""
     import sentencepiece as spm
-    from transformers import AutoConfig, AutoModelForCausalLM, GemmaTokenizer, LlamaTokenizer
+    from transformers import GemmaTokenizer, LlamaTokenizer
 
     corpus = shipped_recipes_dir() / "data" / "complaints-train.jsonl"
     texts = [row["prompt"] + row["completion"] for row in map(json.loads, corpus.read_text().splitlines())]
@@ -57,6 +57,13 @@ def build_sentencepiece_model(family: str, target) -> None:
         tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(
             [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
         tokenizer.backend_tokenizer.pre_tokenizer = None
+    save_tiny_model(family, tokenizer, target)
+
+
+def save_tiny_model(family: str, tokenizer, target) -> None:
+    """The tokenizer with the ChatML template, and a random tiny `family` model sized to it, saved in `target`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(target)
     spec = tiny_spec(FAMILIES[family])
@@ -87,22 +94,15 @@ def qwen_vocabulary():
 def build_qwen_model(family: str, target) -> None:
     """A tiny random model of `family` with the published Qwen tokenizer (byte-level BPE, no BOS, ChatML)."""
     from tokenizers import normalizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 151643-151645, as in every Qwen release
     backend = TikTokenConverter(str(qwen_vocabulary()), pattern=QWEN_SPLIT, extra_special_tokens=specials).converted()
     backend.normalizer = normalizers.NFC()  # as Qwen's tokenizer.json
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML_TEMPLATE
     target.mkdir(parents=True)
-    tokenizer.save_pretrained(target)
-    spec = tiny_spec(FAMILIES[family])
-    config = AutoConfig.for_model(spec["model_type"], vocab_size=len(tokenizer), bos_token_id=None,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  **spec["config"])
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(target)
+    save_tiny_model(family, tokenizer, target)
 
 
 def train(model_dir, run) -> None:
